@@ -1,0 +1,335 @@
+"""materialize: Recipe x Pool -> merged tensors, one tensor at a time, float32 accumulation.
+
+Sinks: a state dict in memory (`merge_state_dict`), an HF model directory (`write_model_dir`,
+written to a temporary directory then renamed), a PEFT adapter directory for LoRA merges that stay
+low rank (`write_adapter_dir`), and a live torch model updated in place (`ResidentMerger`), which
+holds the task vectors (or LoRA factors) on the device once so a new recipe is re-merged without
+reading the disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from safetensors.torch import save_file
+
+from evomerge.errors import ConfigError, EvomergeError
+from evomerge.methods import get_method, lowrank_lora_merge, topmag
+from evomerge.pool import LoraFactors, Pool
+from evomerge.recipe import Recipe
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
+SHARD_BYTES = 2 * 1024**3
+
+
+def resolve_dtype(name: str | None, default: torch.dtype) -> torch.dtype:
+    if name is None:
+        return default
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; available: float32, float16, bfloat16")
+    return DTYPES[name]
+
+
+def tensor_generator(seed: int, tensor_name: str, device: torch.device | str) -> torch.Generator:
+    """A generator per tensor, seeded from the recipe seed and the name: order-independent masks."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 1_000_003 + zlib.crc32(tensor_name.encode())) % (2**63))
+    return generator
+
+
+def check_recipe(recipe: Recipe, pool: Pool) -> None:
+    """Everything about a recipe that can be checked before touching a tensor."""
+    method = get_method(recipe.method)
+    unknown = [name for name in recipe.experts if name not in pool.experts]
+    if unknown:
+        raise ConfigError(f"recipe names expert {unknown[0]!r}, which is not in the pool ({', '.join(pool.names)})")
+    for override in recipe.overrides:
+        for name in override.experts:
+            if name not in recipe.experts:
+                raise ConfigError(f"override names expert {name!r}, which the recipe does not list")
+    if recipe.lora_merge == "lowrank":
+        if pool.kinds != {"lora"}:
+            raise ConfigError("lora_merge: lowrank needs a pool of LoRA adapters only")
+        if recipe.method != "evo_merging":
+            raise ConfigError(f"lora_merge: lowrank is defined for method evo_merging, not {recipe.method}")
+    # Let the method check its parameter domains once, on a 1-element tensor.
+    one = torch.zeros(1)
+    plan = recipe.plan("")
+    method.merge(one, [one] * len(recipe.experts), list(plan.weights), list(plan.densities),
+                 dict(plan.parameters), torch.Generator().manual_seed(0))
+
+
+class TensorSource:
+    """Where one merge reads its inputs: the pool on disk, or tensors held resident on a device."""
+
+    def __init__(self, pool: Pool, device: str):
+        self.pool, self.device = pool, torch.device(device)
+
+    def base(self, name: str) -> torch.Tensor:
+        return self.pool.base_tensor(name).to(self.device, torch.float32)
+
+    def delta(self, expert: str, name: str, base: torch.Tensor) -> torch.Tensor | None:
+        entry = self.pool.experts[expert]
+        if entry.kind == "lora":
+            factors = self.factors(expert, name)
+            return None if factors is None else factors.scaling * (factors.B @ factors.A)
+        return entry.files.get(name).to(self.device, torch.float32) - base
+
+    def factors(self, expert: str, name: str) -> LoraFactors | None:
+        found = self.pool.lora_factors(expert, name)
+        if found is None:
+            return None
+        return LoraFactors(found.A.to(self.device, torch.float32), found.B.to(self.device, torch.float32), found.scaling)
+
+
+def merge_tensor(recipe: Recipe, name: str, source: TensorSource) -> torch.Tensor | None:
+    """The merged float32 tensor for `name`, or None when no expert touches it (keep the base)."""
+    if not source.pool.touched(name):
+        return None
+    plan = recipe.plan(name)
+    experts = list(recipe.experts)
+    base = source.base(name)
+    if source.pool.kinds == {"lora"} and recipe.method == "evo_merging":
+        return _merge_lora_evo(recipe, name, source, base, experts, plan)
+    deltas = [source.delta(expert, name, base) for expert in experts]
+    if all(delta is None for delta in deltas):
+        return None
+    deltas = [torch.zeros_like(base) if delta is None else delta for delta in deltas]
+    generator = tensor_generator(recipe.seed, name, source.device)
+    return get_method(recipe.method).merge(base, deltas, list(plan.weights), list(plan.densities),
+                                           dict(plan.parameters), generator)
+
+
+def _merge_lora_evo(recipe, name, source, base, experts, plan) -> torch.Tensor | None:
+    """Evo-Merging on LoRA factors: only A is sparsified (asymmetric sparsification).
+
+    lowrank: A = sum w_i TopMag(A_i), B = sum w_i s_i B_i, delta = B A (cross terms included).
+    dense:   delta = sum w_i s_i B_i TopMag(A_i).
+    """
+    factors = [source.factors(expert, name) for expert in experts]
+    used = [(f, w, d) for f, w, d in zip(factors, plan.weights, plan.densities) if f is not None]
+    if not used:
+        return None
+    if recipe.lora_merge == "lowrank":
+        A, B = lowrank_lora(used)
+        return base + B @ A
+    delta = torch.zeros_like(base)
+    for f, weight, density in used:
+        delta += (weight * f.scaling) * (f.B @ topmag(f.A, density))
+    return base + delta
+
+
+def lowrank_lora(used: list[tuple[LoraFactors, float, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    ranks = {f.A.shape[0] for f, _, _ in used}
+    if len(ranks) > 1:
+        raise ConfigError(f"lora_merge: lowrank needs one LoRA rank across experts, found ranks {sorted(ranks)}")
+    return lowrank_lora_merge([f.A for f, _, _ in used], [f.scaling * f.B for f, _, _ in used],
+                              [w for _, w, _ in used], [d for _, _, d in used])
+
+
+def iter_merged(recipe: Recipe, pool: Pool, device: str = "cpu",
+                on_tensor: Callable[[str], None] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, float32 tensor) for every base tensor; untouched tensors are the base's."""
+    check_recipe(recipe, pool)
+    source = TensorSource(pool, device)
+    for name in pool.tensor_names():
+        merged = merge_tensor(recipe, name, source)
+        if merged is None:
+            merged = source.base(name)
+        elif not torch.isfinite(merged).all():
+            raise EvomergeError(f"merged tensor {name} holds NaN/Inf (recipe {recipe.id})")
+        if on_tensor:
+            on_tensor(name)
+        yield name, merged
+
+
+def merge_state_dict(recipe: Recipe, pool: Pool, device: str = "cpu", dtype: str | None = None) -> dict[str, torch.Tensor]:
+    """The merged model as a state dict in memory."""
+    return {name: tensor.to(_output_dtype(recipe, pool, name, dtype)) for name, tensor in iter_merged(recipe, pool, device)}
+
+
+def _output_dtype(recipe: Recipe, pool: Pool, name: str, dtype: str | None) -> torch.dtype:
+    return resolve_dtype(dtype or recipe.dtype, pool.base.get(name).dtype)
+
+
+def write_model_dir(recipe: Recipe, pool: Pool, out: Path, device: str = "cpu", dtype: str | None = None,
+                    on_tensor: Callable[[str], None] | None = None, shard_bytes: int = SHARD_BYTES) -> Path:
+    """Stream the merge into an HF model directory: shards, index, config, tokenizer, recipe.yaml."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise EvomergeError(f"{out} exists and is not empty; choose another output directory or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _write_shards(recipe, pool, staging, device, dtype, on_tensor, shard_bytes)
+        _copy_model_files(pool.base_path, staging, dtype or recipe.dtype)
+        recipe.save(staging / "recipe.yaml")
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_shards(recipe, pool, staging, device, dtype, on_tensor, shard_bytes) -> None:
+    shard: dict[str, torch.Tensor] = {}
+    shard_files: list[list[str]] = []
+    size = 0
+
+    def flush():
+        nonlocal shard, size
+        if shard:
+            save_file(shard, str(staging / f"shard-{len(shard_files):05d}.safetensors"), metadata={"format": "pt"})
+            shard_files.append(list(shard))
+            shard, size = {}, 0
+
+    for name, tensor in iter_merged(recipe, pool, device, on_tensor):
+        out_tensor = tensor.to(_output_dtype(recipe, pool, name, dtype)).cpu().contiguous()
+        if size and size + out_tensor.nbytes > shard_bytes:
+            flush()
+        shard[name] = out_tensor
+        size += out_tensor.nbytes
+    flush()
+    _name_shards(staging, shard_files)
+
+
+def _name_shards(staging: Path, shard_files: list[list[str]]) -> None:
+    if len(shard_files) == 1:
+        os.replace(staging / "shard-00000.safetensors", staging / "model.safetensors")
+        return
+    weight_map = {}
+    for i, names in enumerate(shard_files):
+        final = f"model-{i + 1:05d}-of-{len(shard_files):05d}.safetensors"
+        os.replace(staging / f"shard-{i:05d}.safetensors", staging / final)
+        weight_map.update({name: final for name in names})
+    (staging / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+
+
+def _copy_model_files(base: Path, staging: Path, dtype: str | None) -> None:
+    for name in COPIED_FILES:
+        if (base / name).is_file():
+            shutil.copy2(base / name, staging / name)
+    config = staging / "config.json"
+    if dtype and config.is_file():  # say what the shards hold
+        data = json.loads(config.read_text())
+        canonical = str(resolve_dtype(dtype, torch.float32)).removeprefix("torch.")
+        data["torch_dtype" if "torch_dtype" in data else "dtype"] = canonical
+        config.write_text(json.dumps(data, indent=2))
+
+
+def write_adapter_dir(recipe: Recipe, pool: Pool, out: Path, device: str = "cpu") -> Path:
+    """A low-rank LoRA merge as a PEFT adapter: A and B merged, scaling folded into B (alpha = r)."""
+    if recipe.lora_merge != "lowrank":
+        raise ConfigError("only lora_merge: lowrank recipes stay low rank; use write_model_dir for dense merges")
+    check_recipe(recipe, pool)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise EvomergeError(f"{out} exists and is not empty; choose another output directory or remove it")
+    source = TensorSource(pool, device)
+    first = next(iter(pool.experts.values()))
+    tensors, rank, targets = {}, None, set()
+    for name in sorted({m for e in pool.experts.values() for m in e.lora_modules}):
+        plan = recipe.plan(name)
+        used = [(source.factors(e, name), w, d) for e, w, d in zip(recipe.experts, plan.weights, plan.densities)]
+        used = [u for u in used if u[0] is not None]
+        A, B = lowrank_lora(used)
+        rank = A.shape[0]
+        module = name.removesuffix(".weight")
+        targets.add(module.rsplit(".", 1)[-1])
+        tensors[f"base_model.model.{module}.lora_A.weight"] = A.cpu().contiguous()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = B.cpu().contiguous()
+    config = {key: value for key, value in first.config.items() if key not in ("alpha_pattern", "rank_pattern")}
+    config.update({"r": rank, "lora_alpha": rank, "use_rslora": False, "target_modules": sorted(targets)})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (staging / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        recipe.save(staging / "recipe.yaml")
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+class ResidentSource(TensorSource):
+    """The pool's base tensors and task vectors (or LoRA factors) held on the device once."""
+
+    def __init__(self, pool: Pool, device: str):
+        super().__init__(pool, device)
+        disk = TensorSource(pool, device)
+        self._base: dict[str, torch.Tensor] = {}
+        self._deltas: dict[tuple[str, str], torch.Tensor] = {}
+        self._factors: dict[tuple[str, str], LoraFactors] = {}
+        for name in pool.tensor_names():
+            if not pool.touched(name):
+                continue
+            self._base[name] = disk.base(name)
+            for expert, entry in pool.experts.items():
+                if entry.kind == "lora":
+                    found = disk.factors(expert, name)
+                    if found is not None:
+                        self._factors[(expert, name)] = found
+                else:
+                    self._deltas[(expert, name)] = disk.delta(expert, name, self._base[name])
+
+    def base(self, name: str) -> torch.Tensor:
+        return self._base[name]
+
+    def delta(self, expert: str, name: str, base: torch.Tensor) -> torch.Tensor | None:
+        if (expert, name) in self._deltas:
+            return self._deltas[(expert, name)]
+        factors = self._factors.get((expert, name))
+        return None if factors is None else factors.scaling * (factors.B @ factors.A)
+
+    def factors(self, expert: str, name: str) -> LoraFactors | None:
+        return self._factors.get((expert, name))
+
+    def nbytes(self) -> int:
+        held = list(self._base.values()) + list(self._deltas.values())
+        held += [t for f in self._factors.values() for t in (f.A, f.B)]
+        return sum(t.nbytes for t in held)
+
+
+class ResidentMerger:
+    """Re-merge new recipes from tensors held on the device, without reading the disk.
+
+    `apply(recipe, model)` writes the merge into a live torch model's parameters in place, so an
+    inference engine built around that model scores the new candidate without a reload.
+    """
+
+    def __init__(self, pool: Pool, device: str = "cpu"):
+        self.pool = pool
+        self.source = ResidentSource(pool, device)
+
+    def merged(self, recipe: Recipe) -> Iterator[tuple[str, torch.Tensor]]:
+        check_recipe(recipe, self.pool)
+        for name in self.source._base:
+            merged = merge_tensor(recipe, name, self.source)
+            yield name, self.source.base(name) if merged is None else merged
+
+    @torch.no_grad()
+    def apply(self, recipe: Recipe, model: torch.nn.Module) -> None:
+        params = model.state_dict(keep_vars=True)
+        missing = [name for name in self.source._base if name not in params]
+        if missing:
+            raise EvomergeError(f"the live model has no tensor {missing[0]} (is it the pool's architecture?)")
+        for name, tensor in self.merged(recipe):
+            if not torch.isfinite(tensor).all():
+                raise EvomergeError(f"merged tensor {name} holds NaN/Inf (recipe {recipe.id})")
+            params[name].data.copy_(tensor)
