@@ -39,6 +39,16 @@ class ExpertParams(_Frozen):
     density: float = 1.0
 
 
+class ExpertOverride(_Frozen):
+    """Per-expert values an override replaces; None keeps the recipe's value."""
+
+    weight: float | None = None
+    density: float | None = None
+
+    def apply_to(self, params: ExpertParams) -> ExpertParams:
+        return params.model_copy(update={k: v for k, v in self.model_dump().items() if v is not None})
+
+
 class Override(_Frozen):
     """Parameters that replace the recipe's own for the tensors this override matches.
 
@@ -49,7 +59,7 @@ class Override(_Frozen):
 
     layers: tuple[int, int] | None = None
     modules: str | None = None
-    experts: dict[str, ExpertParams] = Field(default_factory=dict)
+    experts: dict[str, ExpertOverride] = Field(default_factory=dict)
     parameters: dict[str, float | bool] = Field(default_factory=dict)
 
     @field_validator("modules")
@@ -112,7 +122,8 @@ class Recipe(_Frozen):
         parameters = dict(self.parameters)
         for override in self.overrides:
             if override.matches(tensor_name):
-                experts.update(override.experts)
+                for name, values in override.experts.items():
+                    experts[name] = values.apply_to(experts[name])
                 parameters.update(override.parameters)
         names = list(self.experts)
         return TensorPlan(
@@ -216,7 +227,7 @@ def recipe_from_mergekit(data: dict[str, Any], where: str = "mergekit config") -
         experts[name] = ExpertParams(**scalar)
         for filt, values in filtered.items():
             overrides.append(Override(modules=MERGEKIT_FILTERS.get(filt, re.escape(filt)),
-                                      experts={name: ExpertParams(**{**scalar, **values})}))
+                                      experts={name: ExpertOverride(**values)}))
     global_params = {k: v for k, v in (data.get("parameters") or {}).items()}
     for key, value in global_params.items():
         if not isinstance(value, (int, float, bool)):
@@ -266,7 +277,7 @@ def recipe_to_mergekit(recipe: Recipe, pool_spec: dict[str, Any]) -> dict[str, A
         if override.layers is not None or override.parameters or override.modules not in reverse_filters:
             raise ConfigError("overrides by layer range or regex have no mergekit equivalent in `models` form")
         for name, params in override.experts.items():
-            for key, value in params.model_dump().items():
+            for key, value in params.model_dump(exclude_none=True).items():
                 base_value = per_model[name][key]
                 entries = base_value if isinstance(base_value, list) else [{"value": base_value}]
                 per_model[name][key] = [{"filter": reverse_filters[override.modules], "value": value}] + entries
