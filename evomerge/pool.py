@@ -21,7 +21,6 @@ import torch
 from safetensors import safe_open
 
 from evomerge.errors import PoolError
-from evomerge.recipe import load_yaml_file
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -193,22 +192,6 @@ class Pool:
         self.base = SafetensorsFiles.open_model_dir(self.base_path)
         self.base_config = _read_config(self.base_path)
         self.experts = {name: open_expert(name, path) for name, path in experts.items()}
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any], relative_to: Path | None = None) -> "Pool":
-        """spec = {"base": path, "experts": {name: path}}; relative paths resolve against relative_to."""
-        root = Path(relative_to) if relative_to else Path(".")
-        if not isinstance(spec, dict) or "base" not in spec or "experts" not in spec:
-            raise PoolError("a pool needs `base: PATH` and `experts: {NAME: PATH, ...}`")
-        experts = spec["experts"]
-        if isinstance(experts, list):  # a list of paths: names from the folder names
-            experts = {Path(p).name: p for p in experts}
-        return cls(root / spec["base"], {str(n): root / p for n, p in experts.items()})
-
-    @classmethod
-    def from_yaml(cls, path: Path) -> "Pool":
-        path = Path(path)
-        return cls.from_spec(load_yaml_file(path), relative_to=path.parent)
 
     # ---- access ---------------------------------------------------------------------------
     @property
