@@ -97,3 +97,7 @@ def zoo(
 # ---- eval (owned by the evaluator module) ---------------------------------------------------
 # BEGIN eval command
 # END eval command
+
+
+if __name__ == "__main__":
+    app()

@@ -50,3 +50,71 @@ def load_merge_config(path: Path) -> tuple[Recipe, dict[str, Any]]:
 
 def open_pool(spec: dict[str, Any]) -> Pool:
     return Pool(Path(spec["base"]), {name: Path(p) for name, p in spec["experts"].items()})
+
+
+# ---- search config ----------------------------------------------------------------------------
+from pydantic import BaseModel, ConfigDict, Field, ValidationError  # noqa: E402
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WorkersConfig(_Strict):
+    count: int = Field(1, ge=1, description="Ray actors; one per GPU on cuda, N on cpu")
+    device: str = "cpu"
+    threads: int | None = Field(None, description="torch threads per CPU worker (default: cores / count)")
+    ray_address: str | None = None
+    timeout_s: float = Field(900.0, gt=0, description="a candidate running longer is failed and its worker replaced")
+    max_attempts: int = Field(3, ge=1, description="runs of one candidate whose worker died before it is failed")
+
+
+class SearchConfig(_Strict):
+    """A run config. Paths are relative to the config file; `config.yaml` in the run dir holds them resolved."""
+
+    name: str | None = None
+    pool: str | dict[str, Any]
+    space: str | dict[str, Any] = "evo-merging"
+    suite: str | None = None
+    backend: dict[str, Any] = Field(default_factory=lambda: {"name": "hf"})
+    objective: str | None = Field(None, description="'module:function' scoring a recipe without models (tests, demos)")
+    optimizer: dict[str, Any] = Field(default_factory=lambda: {"type": "cmaes"})
+    budget: int = Field(100, ge=1)
+    seed: int = 0
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
+    failure_objective: float = Field(100.0, description="objective recorded for a failed candidate (minimized)")
+    multi_objective: bool = Field(False, description="tell per-task losses to a multi-objective optimizer")
+    references: bool = Field(True, description="also score the base and each expert, for comparison")
+
+    def resolved(self, relative_to: Path) -> "SearchConfig":
+        """Paths made absolute, so the run dir's config.yaml works from anywhere."""
+        updates: dict[str, Any] = {"pool": resolve_pool_spec(self.pool, relative_to, "pool")}
+        if self.suite is not None:
+            updates["suite"] = str((relative_to / self.suite).resolve())
+        if isinstance(self.space, str) and self.space.endswith((".yaml", ".yml")):
+            updates["space"] = str((relative_to / self.space).resolve())
+        return self.model_copy(update=updates)
+
+    def check(self, where: str) -> "SearchConfig":
+        if self.suite is None and self.objective is None:
+            raise ConfigError(f"{where}: give a `suite:` (evaluators/*.yaml) to score candidates on")
+        for key in ("api_key", "token"):
+            if key in self.backend:
+                raise ConfigError(f"{where}: backend.{key}: secrets never go in a config; name an env var with api_key_env")
+        return self
+
+
+def load_search_config(path: Path, **overrides: Any) -> SearchConfig:
+    path = Path(path)
+    data = load_yaml_file(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a search config is a mapping (pool, space, suite, optimizer, budget, ...)")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        config = SearchConfig.model_validate(data)
+    except ValidationError as error:
+        problem = error.errors()[0]
+        location = ".".join(str(p) for p in problem["loc"])
+        message = "unknown key (typo?)" if problem["type"] == "extra_forbidden" else problem["msg"]
+        raise ConfigError(f"{path}: {location}: {message}") from None
+    return config.resolved(path.parent).check(str(path))

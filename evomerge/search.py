@@ -1,0 +1,296 @@
+"""Search: the loop. Ask, dispatch to workers, collect, tell, record, checkpoint.
+
+    for each stage of the space:
+        while the stage has budget:
+            fill every idle worker (re-runs first, then optimizer.ask)   -> checkpoint, dispatch
+            wait for the first finished candidate                        -> log, tell, checkpoint
+
+Ordering makes kill -9 at any moment safe: a candidate is checkpointed as in flight before it is
+dispatched, and logged (fsync) before it is told. On resume, a logged candidate the checkpoint
+still has in flight is told from the log; any other in-flight candidate is evaluated again.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evomerge.config import SearchConfig
+from evomerge.errors import EvomergeError
+from evomerge.optimizers import optimizer_from_config
+from evomerge.recipe import Recipe
+from evomerge.run import REFERENCES, Evaluation, Run
+
+STAGE_OFFSET = 1_000_000  # candidate id = stage * STAGE_OFFSET + the optimizer's id
+
+
+@dataclass
+class InFlight:
+    id: int
+    x: list[float]
+    attempts: int = 0
+
+
+@dataclass
+class State:
+    """Everything a resume needs besides the log; pickled into checkpoint.pkl."""
+
+    stage: int = 0
+    optimizer: bytes | None = None
+    fixed: dict[str, Any] | None = None  # the recipe earlier stages settled on
+    in_flight: dict[int, InFlight] = field(default_factory=dict)
+    told: int = 0  # evaluations told in this stage
+    asked: int = 0  # candidates asked in this stage
+
+
+class Search:
+    def __init__(self, run: Run, config: SearchConfig, progress: Any = None):
+        from evomerge.config import open_pool
+        from evomerge.searchspace import load_space
+
+        self.run, self.config, self.progress = run, config, progress
+        pool = open_pool(config.pool)
+        self.expert_names = pool.names
+        self.space = load_space(config.space, experts=pool.names, n_layers=pool.n_layers())
+        self.workers: list[Any] = []
+        self.busy: dict[Any, tuple[int, InFlight, float]] = {}  # ref -> (worker index, candidate, start)
+
+    # ---- the public entry ---------------------------------------------------------------------
+    def execute(self) -> Run:
+        state = self._restore()
+        self.run.set_status("running", budget=self.config.budget)
+        try:
+            self._start_workers()
+            if self.config.references and self.run.read_json(REFERENCES) is None:
+                self._score_references()
+            while state.stage < self.space.n_stages:
+                self._run_stage(state)
+                self._next_stage(state)
+        except BaseException as error:
+            self.run.set_status("failed" if isinstance(error, Exception) else "stopped", reason=str(error)[:300])
+            raise
+        finally:
+            self._stop_workers()
+        self.run.update_pareto()
+        self.run.set_status("finished", budget=self.config.budget)
+        return self.run
+
+    # ---- stages -------------------------------------------------------------------------------
+    def stage_budget(self, stage: int) -> int:
+        fractions = [self.space.stage(i).budget_fraction for i in range(self.space.n_stages)]
+        budgets = [int(round(self.config.budget * f / sum(fractions))) for f in fractions]
+        budgets[-1] = self.config.budget - sum(budgets[:-1])
+        return budgets[stage]
+
+    def _stage_space(self, state: State):
+        fixed = Recipe.model_validate(state.fixed) if state.fixed else None
+        return self.space.stage(state.stage, fixed_from=fixed)
+
+    def _make_optimizer(self, stage_space, state: State):
+        options = {**stage_space.optimizer_hints, **self.config.optimizer}
+        if options.get("type", options.get("name")) == "nevergrad" or options.get("type") == "nevergrad":
+            options.setdefault("budget", self.stage_budget(state.stage))
+            options.setdefault("num_workers", self.config.workers.count)
+        n_objectives = len(self._task_names()) if self.config.multi_objective else 1
+        optimizer = optimizer_from_config(options, dim=stage_space.dim, lower=stage_space.lower, upper=stage_space.upper,
+                                          x0=stage_space.x0, seed=self.config.seed + state.stage, n_objectives=n_objectives)
+        if state.optimizer is not None:
+            optimizer.load_state_dict(state.optimizer)
+        return optimizer
+
+    def _next_stage(self, state: State) -> None:
+        stage_done = [e for e in self.run.evaluations() if e.stage == state.stage and e.ok]
+        if stage_done:
+            state.fixed = min(stage_done, key=lambda e: e.objective).recipe
+        state.stage += 1
+        state.optimizer, state.in_flight, state.told, state.asked = None, {}, 0, 0
+        self.run.save_checkpoint(state.__dict__)
+
+    def _run_stage(self, state: State) -> None:
+        space = self._stage_space(state)
+        optimizer = self._make_optimizer(space, state)
+        budget = self.stage_budget(state.stage)
+        self._tell_logged_in_flight(state, optimizer, space)
+        rerun = collections.deque(state.in_flight.values())
+        while state.told < budget:
+            self._fill_workers(state, optimizer, space, rerun, budget)
+            if not self.busy:
+                break  # the optimizer has nothing more to propose (e.g. a grid is exhausted)
+            for candidate, result in self._collect():
+                if result is None:  # its worker died: run it again, a bounded number of times
+                    rerun.append(candidate)
+                    continue
+                self._record(state, optimizer, space, candidate, result)
+
+    # ---- dispatch -----------------------------------------------------------------------------
+    def _fill_workers(self, state, optimizer, space, rerun, budget) -> None:
+        busy_workers = {index for index, _, _ in self.busy.values()}
+        for index in range(len(self.workers)):
+            if index in busy_workers:
+                continue
+            if rerun:
+                candidate = rerun.popleft()
+            elif state.asked < budget:
+                asked = optimizer.ask(1)
+                if not asked:
+                    return  # a generational optimizer waits for this generation's results
+                candidate = InFlight(state.stage * STAGE_OFFSET + asked[0].id, asked[0].x.tolist())
+                state.asked += 1
+            else:
+                return
+            state.in_flight[candidate.id] = candidate
+            state.optimizer = optimizer.state_dict()
+            self.run.save_checkpoint(state.__dict__)  # in flight before it runs: resume re-runs it
+            recipe = space.to_recipe(np.asarray(candidate.x)).model_dump(mode="json")
+            self.busy[self.workers[index].evaluate.remote(recipe)] = (index, candidate, time.time())
+
+    def _collect(self):
+        import ray
+
+        timeout = self.config.workers.timeout_s
+        ready, _ = ray.wait(list(self.busy), num_returns=1, timeout=min(timeout, 5.0))
+        finished = []
+        for ref in ready:
+            index, candidate, started = self.busy.pop(ref)
+            try:
+                finished.append((candidate, ray.get(ref)))
+            except ray.exceptions.RayActorError:
+                finished.append(self._worker_died(index, candidate, "worker process died"))
+            except ray.exceptions.RayTaskError as error:
+                finished.append((candidate, {"status": "failed", "reason": str(error).splitlines()[0][:300]}))
+        now = time.time()
+        for ref, (index, candidate, started) in list(self.busy.items()):
+            if now - started > timeout:
+                self.busy.pop(ref)
+                ray.kill(self.workers[index])
+                self.workers[index] = self._new_worker()
+                finished.append((candidate, {"status": "failed", "reason": f"timeout after {timeout:.0f}s"}))
+        return finished
+
+    def _worker_died(self, index: int, candidate: InFlight, why: str):
+        self.workers[index] = self._new_worker()
+        candidate.attempts += 1
+        if candidate.attempts >= self.config.workers.max_attempts:
+            return candidate, {"status": "failed", "reason": f"{why} {candidate.attempts} times"}
+        return candidate, None
+
+    # ---- recording ----------------------------------------------------------------------------
+    def _record(self, state, optimizer, space, candidate: InFlight, result: dict[str, Any]) -> None:
+        x = np.asarray(candidate.x)
+        if result["status"] == "ok":
+            objective = -result["scalar"] + space.penalty(x)
+        else:
+            objective = self.config.failure_objective
+        evaluation = Evaluation(
+            id=candidate.id, stage=state.stage, genome=candidate.x, recipe=space.to_recipe(x).model_dump(mode="json"),
+            scores=result.get("scores", {}), objective=objective, status=result["status"],
+            reason=result.get("reason", ""), worker=str(result.get("worker", "")), seconds=result.get("seconds"),
+            finished_at=time.time(),
+        )
+        self.run.append(evaluation)  # the log first: from here on this result survives a kill
+        self._tell(state, optimizer, evaluation)
+        if self.progress is not None:
+            self.progress(evaluation)
+
+    def _tell(self, state: State, optimizer, evaluation: Evaluation) -> None:
+        candidate_id = evaluation.id - state.stage * STAGE_OFFSET
+        loss: float | list[float] = evaluation.objective
+        if self.config.multi_objective:
+            tasks = self._task_names()
+            loss = [-evaluation.scores[t] if evaluation.ok else self.config.failure_objective for t in tasks]
+        optimizer.tell([(candidate_id, loss)])
+        state.in_flight.pop(evaluation.id, None)
+        state.told += 1
+        state.optimizer = optimizer.state_dict()
+        self.run.save_checkpoint(state.__dict__)
+
+    def _tell_logged_in_flight(self, state: State, optimizer, space) -> None:
+        """After a kill between log and checkpoint: tell what the log has, never re-evaluate it."""
+        logged = {e.id: e for e in self.run.evaluations() if e.stage == state.stage}
+        for candidate_id in sorted(set(state.in_flight) & set(logged)):
+            self._tell(state, optimizer, logged[candidate_id])
+
+    def _task_names(self) -> list[str]:
+        references = self.run.read_json(REFERENCES) or {}
+        if references:
+            return sorted(next(iter(references.values()))["scores"])
+        raise EvomergeError("multi_objective needs the references (set references: true)")
+
+    # ---- workers ------------------------------------------------------------------------------
+    def _new_worker(self):
+        from evomerge.worker import ray_worker_class
+
+        workers = self.config.workers
+        threads = workers.threads or max(1, _cores() // workers.count)
+        return ray_worker_class(workers.device).remote(
+            self.config.pool, self.config.suite, self.config.backend, device=_device_for(workers.device),
+            threads=threads, objective=self.config.objective)
+
+    def _start_workers(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            workers = self.config.workers
+            ray.init(address=workers.ray_address, include_dashboard=False, log_to_driver=False,
+                     num_cpus=None if workers.ray_address else max(workers.count, _cores()),
+                     configure_logging=False)
+        self.workers = [self._new_worker() for _ in range(self.config.workers.count)]
+        pids = ray.get([w.info.remote() for w in self.workers])
+        self.run.set_status("running", budget=self.config.budget, workers=[p["pid"] for p in pids])
+
+    def _stop_workers(self) -> None:
+        import ray
+
+        for worker in self.workers:
+            ray.kill(worker)
+        self.workers = []
+
+    def _score_references(self) -> None:
+        """The base and each expert, scored on the same suite by the same workers."""
+        import ray
+
+        recipes = {"base": Recipe(method="evo_merging", experts={n: {"weight": 0.0} for n in self.expert_names})}
+        for name in self.expert_names:
+            recipes[name] = Recipe(method="evo_merging",
+                                   experts={n: {"weight": 1.0 if n == name else 0.0} for n in self.expert_names})
+        refs = {}
+        for i, (name, recipe) in enumerate(recipes.items()):
+            refs[name] = self.workers[i % len(self.workers)].evaluate.remote(recipe.model_dump(mode="json"))
+        self.run.write_json(REFERENCES, {name: ray.get(ref) for name, ref in refs.items()})
+
+    def _restore(self) -> State:
+        saved = self.run.load_checkpoint()
+        if saved is None:
+            return State()
+        return State(**saved)
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _device_for(device: str) -> str:
+    """Inside a Ray actor with one GPU, that GPU is cuda:0 (Ray sets CUDA_VISIBLE_DEVICES)."""
+    return "cuda:0" if device.startswith("cuda") else device
+
+
+def search(config: SearchConfig, run_dir: Path, progress: Any = None) -> Run:
+    run = Run.create(run_dir, config.model_dump(mode="json"))
+    return Search(run, config, progress).execute()
+
+
+def resume(run_dir: Path, progress: Any = None) -> Run:
+    run = Run.open(run_dir)
+    if run.status().get("state") == "finished":
+        raise EvomergeError(f"{run_dir} has finished its budget; start another run to search more")
+    if run.status().get("state") == "running":
+        raise EvomergeError(f"{run_dir} is running (pid {run.status().get('pid')}); stop it before resuming")
+    config = SearchConfig.model_validate(run.config())
+    return Search(run, config, progress).execute()

@@ -1,0 +1,217 @@
+"""materialize: the same merge through every sink, against hand formulas and PEFT itself."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from evomerge.config import load_merge_config, open_pool
+from evomerge.errors import ConfigError, EvomergeError
+from evomerge.materialize import ResidentMerger, merge_state_dict, write_adapter_dir, write_model_dir
+from evomerge.recipe import Recipe, recipe_to_mergekit
+from tests.synthetic import make_pool
+
+
+@pytest.fixture(scope="module")
+def full_pool(tmp_path_factory):
+    spec = make_pool(tmp_path_factory.mktemp("full"), n_experts=3)
+    return spec, open_pool(spec).validate()
+
+
+@pytest.fixture(scope="module")
+def lora_pool(tmp_path_factory):
+    spec = make_pool(tmp_path_factory.mktemp("lora"), n_experts=3, lora=True)
+    return spec, open_pool(spec).validate()
+
+
+def recipe(method, weights=(0.5, -0.3, 0.8), densities=(1.0, 1.0, 1.0), **kwargs):
+    experts = {f"expert{i}": {"weight": w, "density": d} for i, (w, d) in enumerate(zip(weights, densities))}
+    return Recipe(method=method, experts=experts, **kwargs)
+
+
+def test_task_arithmetic_is_base_plus_weighted_task_vectors(full_pool):
+    _, pool = full_pool
+    merged = merge_state_dict(recipe("task_arithmetic", parameters={"lambda": 0.7}), pool)
+    name = "model.layers.1.self_attn.o_proj.weight"
+    expected = pool.base_tensor(name) + 0.7 * sum(
+        w * pool.task_vector(f"expert{i}", name) for i, w in enumerate((0.5, -0.3, 0.8)))
+    torch.testing.assert_close(merged[name], expected, atol=1e-6, rtol=0)
+
+
+def test_evo_merging_keeps_top_magnitude_entries(full_pool):
+    _, pool = full_pool
+    only = Recipe(method="evo_merging", experts={"expert0": {"weight": 1.0, "density": 0.25},
+                                                 "expert1": {"weight": 0.0}, "expert2": {"weight": 0.0}})
+    merged = merge_state_dict(only, pool)
+    name = "model.layers.0.mlp.gate_proj.weight"
+    delta = merged[name] - pool.base_tensor(name)
+    assert (delta != 0).sum().item() == round(0.25 * delta.numel())
+    tau = pool.task_vector("expert0", name)
+    kept = delta != 0
+    assert tau.abs()[kept].min() >= tau.abs()[~kept].max()
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "evo_merging", "della"])
+def test_resident_remerge_equals_streamed_merge(full_pool, method):
+    spec, pool = full_pool
+    r = recipe(method, densities=(0.6, 0.5, 0.7), seed=3)
+    streamed = merge_state_dict(r, pool)
+    model = AutoModelForCausalLM.from_pretrained(spec["base"])
+    merger = ResidentMerger(pool)
+    merger.apply(recipe("linear"), model)  # something else first: apply must overwrite it all
+    merger.apply(r, model)
+    live = model.state_dict()
+    for name, tensor in streamed.items():
+        torch.testing.assert_close(live[name], tensor, atol=1e-6, rtol=0)
+
+
+def test_dare_masks_depend_on_seed_only(full_pool):
+    _, pool = full_pool
+    a = merge_state_dict(recipe("dare_ties", densities=(0.5,) * 3, seed=1), pool)
+    b = merge_state_dict(recipe("dare_ties", densities=(0.5,) * 3, seed=1), pool)
+    c = merge_state_dict(recipe("dare_ties", densities=(0.5,) * 3, seed=2), pool)
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(a[name], b[name]) and not torch.equal(a[name], c[name])
+
+
+def test_model_dir_loads_in_transformers_with_the_merged_tensors(full_pool, tmp_path):
+    spec, pool = full_pool
+    r = recipe("ties", densities=(0.5, 0.5, 0.5))
+    out = write_model_dir(r, pool, tmp_path / "merged", shard_bytes=20_000)
+    assert (out / "model.safetensors.index.json").is_file()  # small shards: an index was written
+    assert Recipe.from_yaml((out / "recipe.yaml").read_text()) == r
+    loaded = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    for name, tensor in merge_state_dict(r, pool).items():
+        torch.testing.assert_close(loaded[name], tensor)
+
+
+def test_model_dir_dtype(full_pool, tmp_path):
+    _, pool = full_pool
+    out = write_model_dir(recipe("linear"), pool, tmp_path / "bf16", dtype="bfloat16")
+    model = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_failed_merge_leaves_nothing_behind(full_pool, tmp_path):
+    _, pool = full_pool
+    bad = Recipe(method="task_arithmetic", experts={"nobody": {}})
+    with pytest.raises(ConfigError, match="recipe names expert 'nobody'"):
+        write_model_dir(bad, pool, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_refused(full_pool, tmp_path):
+    _, pool = full_pool
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(EvomergeError, match="exists and is not empty"):
+        write_model_dir(recipe("linear"), pool, tmp_path / "out")
+
+
+def test_nan_merge_is_an_error_not_a_model(full_pool, tmp_path):
+    _, pool = full_pool
+    with pytest.raises(EvomergeError, match="NaN"):
+        write_model_dir(recipe("task_arithmetic", weights=(1e36, 1e36, 1e36), parameters={"lambda": 1e6}), pool, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mode", ["dense", "lowrank"])
+def test_lora_evo_merging_sparsifies_a_only(lora_pool, mode):
+    spec, pool = lora_pool
+    r = recipe("evo_merging", densities=(0.5, 0.7, 1.0), lora_merge=mode)
+    merged = merge_state_dict(r, pool)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    factors = [pool.lora_factors(f"expert{i}", name) for i in range(3)]
+    from evomerge.methods import topmag
+
+    weights, densities = (0.5, -0.3, 0.8), (0.5, 0.7, 1.0)
+    if mode == "dense":
+        delta = sum(w * f.scaling * f.B @ topmag(f.A, d) for f, w, d in zip(factors, weights, densities))
+    else:
+        A = sum(w * topmag(f.A, d) for f, w, d in zip(factors, weights, densities))
+        B = sum(w * f.scaling * f.B for f, w in zip(factors, weights))
+        delta = B @ A
+    torch.testing.assert_close(merged[name], pool.base_tensor(name) + delta, atol=1e-5, rtol=1e-5)
+    untouched = "model.layers.0.self_attn.k_proj.weight"
+    assert torch.equal(merged[untouched], pool.base_tensor(untouched))
+
+
+def test_lowrank_adapter_loads_in_peft_and_matches(lora_pool, tmp_path):
+    from peft import PeftModel
+
+    spec, pool = lora_pool
+    r = recipe("evo_merging", densities=(0.5, 0.7, 1.0), lora_merge="lowrank")
+    out = write_adapter_dir(r, pool, tmp_path / "adapter")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(spec["base"]), out).merge_and_unload()
+    live = model.state_dict()
+    for name, tensor in merge_state_dict(r, pool).items():
+        torch.testing.assert_close(live[name], tensor, atol=1e-5, rtol=1e-5)
+
+
+def test_resident_lora_pool(lora_pool):
+    spec, pool = lora_pool
+    r = recipe("evo_merging", densities=(0.5, 0.7, 1.0))
+    model = AutoModelForCausalLM.from_pretrained(spec["base"])
+    ResidentMerger(pool).apply(r, model)
+    for name, tensor in merge_state_dict(r, pool).items():
+        torch.testing.assert_close(model.state_dict()[name], tensor, atol=1e-6, rtol=0)
+
+
+def test_mergekit_yaml_round_trip(full_pool, tmp_path, monkeypatch):
+    spec, pool = full_pool
+    r = recipe("ties", densities=(0.5, 0.6, 0.7), parameters={"lambda": 0.9})
+    mergekit = recipe_to_mergekit(r, spec)
+    assert mergekit["merge_method"] == "ties" and mergekit["models"][1]["parameters"] == {"weight": -0.3, "density": 0.6}
+    config = tmp_path / "mk.yaml"
+    config.write_text(yaml.safe_dump(mergekit))
+    monkeypatch.chdir(tmp_path)
+    read_back, read_spec = load_merge_config(config)
+    assert list(read_back.experts.values()) == list(r.experts.values())
+    assert read_back.parameters == r.parameters and read_spec["base"] == str(Path(spec["base"]).resolve())
+
+
+def test_mergekit_filters_become_overrides(full_pool, tmp_path, monkeypatch):
+    spec, _ = full_pool
+    config = tmp_path / "mk.yaml"
+    config.write_text(yaml.safe_dump({
+        "merge_method": "task_arithmetic", "base_model": spec["base"], "dtype": "float16",
+        "models": [{"model": spec["experts"]["expert0"],
+                    "parameters": {"weight": [{"filter": "self_attn", "value": 0.2}, {"value": 0.9}]}}]}))
+    r, _ = load_merge_config(config)
+    assert r.dtype == "float16"
+    assert r.plan("model.layers.0.self_attn.q_proj.weight").weights == (0.2,)
+    assert r.plan("model.layers.0.mlp.up_proj.weight").weights == (0.9,)
+
+
+def test_mergekit_method_without_equivalent_is_refused(tmp_path):
+    config = tmp_path / "mk.yaml"
+    config.write_text("merge_method: model_stock\nbase_model: a\nmodels: [{model: b}]\n")
+    with pytest.raises(ConfigError, match="merge_method 'model_stock' has no evomerge equivalent"):
+        load_merge_config(config)
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "evomerge.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_merge_writes_model_and_summary(full_pool, tmp_path):
+    spec, _ = full_pool
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump({"pool": spec, "recipe": recipe("ties").model_dump(mode="json")}))
+    done = run_cli("merge", str(config), "-o", str(tmp_path / "out"), "--dtype", "float16")
+    assert done.returncode == 0, done.stderr
+    assert "merged 3 experts with ties" in done.stderr
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_cli_merge_bad_config_is_one_line(tmp_path):
+    config = tmp_path / "merge.yaml"
+    config.write_text("pool: {base: nowhere, experts: {a: alsonowhere}}\nrecipe: {method: ties, experts: {a: {}}}\n")
+    done = run_cli("merge", str(config), "-o", str(tmp_path / "out"))
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "no such model directory" in done.stderr
+    assert not (tmp_path / "out").exists()
