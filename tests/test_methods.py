@@ -1,0 +1,248 @@
+"""Merge methods: parity with mergekit (stored fixtures, no mergekit needed) and 4x4 checks by hand."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from evomerge import methods as M
+from evomerge.errors import ConfigError, PoolError
+from evomerge.methods import METHODS, dense_lora_delta, get_method, lowrank_lora_merge, topmag
+
+FIXTURES = Path(__file__).parent / "fixtures" / "mergekit"
+META = json.loads((FIXTURES / "cases.json").read_text())
+TENSORS = load_file(str(FIXTURES / "cases.safetensors"))
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------------
+# Parity with mergekit
+
+
+def _inputs(case):
+    cid = case["id"]
+    base = TENSORS[f"{cid}/base"]
+    experts = [TENSORS[f"{cid}/expert{i}"] for i in range(len(case["weights"]))]
+    return base, [x - base for x in experts]
+
+
+def _replayed_masks(case, deltas):
+    """The masks evomerge draws for this case (same order and calls as in its merge)."""
+    g, eps = gen(case["seed"]), case["params"].get("epsilon", 0.15)
+    masks = []
+    for d, rho in zip(deltas, case["densities"]):
+        if rho >= 1:
+            masks.append(None)
+        elif case["method"].startswith("della"):
+            masks.append(torch.bernoulli(M._della_probs(d, rho, eps), generator=g).reshape(d.shape))
+        else:
+            masks.append(M._bernoulli_keep(d, rho, g))
+    return masks
+
+
+@pytest.mark.parametrize("case", META["cases"], ids=lambda c: c["id"])
+def test_mergekit_parity(case):
+    base, deltas = _inputs(case)
+    if case["random"]:
+        for i, mask in enumerate(_replayed_masks(case, deltas)):
+            if mask is not None and not torch.equal(mask, TENSORS[f"{case['id']}/mask{i}"]):
+                if torch.__version__ != META["torch"]:
+                    pytest.skip(f"torch {torch.__version__} draws other masks than torch {META['torch']}")
+                pytest.fail(f"expert {i}: evomerge's mask differs from mergekit's with the same seed")
+    method = get_method(case["method"])
+    out = method.merge(base, deltas, case["weights"], case["densities"], case["params"], gen(case["seed"] or 0))
+    expected = TENSORS[f"{case['id']}/out"]
+    assert out.dtype == torch.float32 and out.shape == expected.shape
+    assert (out - expected).abs().max().item() <= 1e-5
+
+
+def test_fixtures_cover_every_mergekit_method():
+    covered = {case["method"] for case in META["cases"]}
+    assert covered == {get_method(n).mergekit_name for n in METHODS.names()} - {None}
+
+
+# ------------------------------------------------------------------------------------------------
+# Statistics of the random methods (hold on any torch version)
+
+
+def test_dare_keeps_density_and_l1_rescales():
+    delta = torch.randn(200, 200, generator=gen(1))
+    kept = M._sparsify("random", delta, 0.3, {"rescale": True}, gen(2))
+    assert abs((kept != 0).float().mean().item() - 0.3) < 0.01
+    assert kept.abs().sum().item() == pytest.approx(delta.abs().sum().item(), rel=1e-5)
+    unbiased = M._sparsify("random", delta, 0.3, {"rescale": True, "rescale_unbiased": True}, gen(2))
+    assert torch.allclose(unbiased, delta * (kept != 0) / 0.3)
+
+
+def test_della_keeps_density_and_prefers_large_entries():
+    delta = torch.randn(100, 400, generator=gen(3))
+    kept = M._sparsify("della", delta, 0.5, {"rescale": False, "epsilon": 0.2}, gen(4))
+    assert abs((kept != 0).float().mean().item() - 0.5) < 0.01
+    big = delta.abs() > delta.abs().median(dim=1, keepdim=True).values
+    assert (kept[big] != 0).float().mean() > 0.57 > 0.43 > (kept[~big] != 0).float().mean()
+
+
+# ------------------------------------------------------------------------------------------------
+# Hand-checkable 4x4 cases
+
+T = torch.tensor(
+    [[1.0, -2.0, 3.0, -4.0], [5.0, -6.0, 7.0, -8.0], [0.5, 0.25, -0.75, 9.0], [-10.0, 0.1, 0.2, 0.3]]
+)
+
+
+def test_topmag_keeps_exactly_k():
+    kept = topmag(T, 0.25)  # round(0.25 * 16) = 4: |-10|, 9, -8, 7
+    assert (kept != 0).sum() == 4
+    assert set(kept[kept != 0].tolist()) == {-10.0, 9.0, -8.0, 7.0}
+    assert torch.equal(topmag(T, 1.0), T) and torch.equal(topmag(T, 0.0), torch.zeros(4, 4))
+    assert (topmag(torch.zeros(4, 4), 0.5) != 0).sum() == 0  # ties at 0: k kept, all zero
+    assert (topmag(T, 0.5 / 16) != 0).sum() == 1  # round half up
+    assert (topmag(torch.tensor([1.0, -3.0, 2.0]), 0.01) == torch.tensor([0.0, -3.0, 0.0])).all()  # tiny: >= 1
+
+
+def test_topmag_with_ties_keeps_exactly_k():
+    kept = topmag(torch.ones(4, 4), 0.5)
+    assert (kept != 0).sum() == 8
+
+
+def test_ties_sign_election_by_mass():
+    base = torch.zeros(4, 4)
+    d1 = torch.full((4, 4), 1.0)
+    d2 = torch.full((4, 4), -3.0)
+    d2[0, 0] = 0.5  # first entry: both positive, mean of the two
+    out = get_method("ties").merge(base, [d1, d2], [1.0, 1.0], [1.0, 1.0])
+    assert out[0, 0] == pytest.approx(0.75)  # (1 + 0.5) / 2
+    assert out[1, 1] == pytest.approx(-3.0)  # mass -2: only expert 2 agrees, divided by its weight
+
+
+def test_ties_negative_weights_normalize_abs():
+    base, d = torch.zeros(4, 4), torch.ones(4, 4)
+    ties = get_method("ties")
+    # mergekit: weighted deltas 1.0 and -0.5 -> sign +, only expert 1 kept, divided by 1.0
+    assert ties.merge(base, [d, d], [1.0, -0.5], [1.0, 1.0])[0, 0] == pytest.approx(1.0)
+    # signed divisor over kept experts can cancel: weights 2 and -1 both kept where deltas differ in sign
+    signed = ties.merge(base, [d, -d], [2.0, -1.0], [1.0, 1.0])  # D = 2, +1: divisor 2 - 1 = 1
+    assert signed[0, 0] == pytest.approx(3.0)
+    safe = ties.merge(base, [d, -d], [2.0, -1.0], [1.0, 1.0], {"normalize_abs": True})
+    assert safe[0, 0] == pytest.approx(1.0)  # 3 / (|2| + |-1|)
+
+
+def test_dare_seeded_determinism():
+    base, deltas = torch.zeros(4, 4), [T, -T]
+    dare = get_method("dare_ties")
+    a = dare.merge(base, deltas, [1.0, 0.5], [0.5, 0.5], generator=gen(7))
+    b = dare.merge(base, deltas, [1.0, 0.5], [0.5, 0.5], generator=gen(7))
+    c = dare.merge(base, deltas, [1.0, 0.5], [0.5, 0.5], generator=gen(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_random_methods_never_touch_global_rng():
+    state = torch.get_rng_state()
+    for name in ("dare_linear", "dare_ties", "della", "della_linear"):
+        get_method(name).merge(torch.zeros(4, 4), [T], [1.0], [0.5], generator=gen(1))
+    assert torch.equal(state, torch.get_rng_state())
+    with pytest.raises(ValueError, match="Generator"):
+        get_method("dare_ties").merge(torch.zeros(4, 4), [T], [1.0], [0.5])
+
+
+def test_breadcrumbs_gamma_zero_does_not_zero():
+    out = get_method("breadcrumbs").merge(torch.zeros(4, 4), [T], [1.0], [0.25], {"gamma": 0.0})
+    assert torch.equal(out, topmag(T, 0.25))
+    # gamma 1/8: the 2 largest (-10, 9) dropped, the next 4 (-8, 7, -6, 5) kept
+    out = get_method("breadcrumbs").merge(torch.zeros(4, 4), [T], [1.0], [0.25], {"gamma": 0.125})
+    assert set(out[out != 0].tolist()) == {-8.0, 7.0, -6.0, 5.0}
+
+
+def test_lowrank_vs_dense_lora():
+    A1, A2 = torch.eye(2, 4), torch.eye(2, 4) * 2  # (r=2, in=4)
+    B1, B2 = torch.ones(4, 2), -torch.ones(4, 2)  # (out=4, r=2)
+    A, B = lowrank_lora_merge([A1, A2], [B1, B2], [0.5, 0.25], [1.0, 1.0])
+    assert torch.equal(A, 0.5 * A1 + 0.25 * A2) and torch.equal(B, 0.5 * B1 + 0.25 * B2)
+    dense = dense_lora_delta([A1, A2], [B1, B2], [2.0, 2.0], [0.5, 0.25], [1.0, 1.0])
+    assert torch.allclose(dense, 2.0 * (0.5 * B1 @ A1 + 0.25 * B2 @ A2))  # = 0: the two cancel
+    assert torch.allclose(dense, torch.zeros(4, 4)) and not torch.allclose(B @ A, torch.zeros(4, 4))
+    A, _ = lowrank_lora_merge([T[:2]], [torch.ones(4, 2)], [1.0], [0.25])  # only A is sparsified
+    assert (A != 0).sum() == 2
+    with pytest.raises(PoolError):
+        lowrank_lora_merge([A1], [torch.ones(3, 3)], [1.0], [1.0])
+
+
+def test_consensus_k_rule():
+    base = torch.zeros(4, 4)
+    d1, d2, d3 = torch.zeros(4, 4), torch.zeros(4, 4), torch.zeros(4, 4)
+    d1[0, 0] = d2[0, 0] = d3[0, 0] = 1.0  # all agree: each |1| > 0.4 * |3 - 1| -> 3 masks
+    d1[0, 1] = 1.0  # only expert 1: its mask (|1| > 0) alone -> "selfish", dropped at k=2
+    d1[0, 2], d2[0, 2], d3[0, 2] = 5.0, 0.1, 0.1  # experts 2, 3: 0.1 > 0.4 * 5.1? no -> 1 mask
+    consensus = get_method("consensus")
+    out = consensus.merge(base, [d1, d2, d3], [1.0, 1.0, 1.0], None)
+    assert out[0, 0] == 3.0 and out[0, 1] == 0.0 and out[0, 2] == 0.0
+    out = consensus.merge(base, [d1, d2, d3], [1.0, 1.0, 1.0], None, {"k": 1})
+    assert out[0, 1] == 1.0 and out[0, 2] == pytest.approx(5.2)
+
+
+def test_slerp_endpoints():
+    base, delta = T, torch.randn(4, 4, generator=gen(5))
+    slerp = get_method("slerp")
+    assert torch.allclose(slerp.merge(base, [delta], None, None, {"t": 0.0}), base, atol=1e-6)
+    assert torch.allclose(slerp.merge(base, [delta], None, None, {"t": 1.0}), base + delta, atol=1e-6)
+    with pytest.raises(ConfigError, match="1 expert"):
+        slerp.merge(base, [delta, delta], None, None, {"t": 0.5})
+
+
+def test_evo_merging_is_weighted_topmag_sum():
+    out = get_method("evo_merging").merge(torch.ones(4, 4), [T, T], [1.0, -0.5], [0.25, 1.0])
+    assert torch.equal(out, 1 + topmag(T, 0.25) - 0.5 * T)
+
+
+def test_linear_and_task_arithmetic_by_hand():
+    base, d = torch.ones(4, 4), torch.ones(4, 4)
+    assert get_method("linear").merge(base, [d, -d], [3.0, 1.0], None)[0, 0] == pytest.approx(1.5)  # (3*2 + 0)/4
+    ta = get_method("task_arithmetic").merge(base, [d, 2 * d], [0.5, 0.5], None, {"lambda": 2.0})
+    assert ta[0, 0] == pytest.approx(4.0)  # 1 + 2 * (0.5 + 1)
+
+
+def test_bf16_inputs_are_upcast():
+    out = get_method("task_arithmetic").merge(T.bfloat16(), [T.bfloat16()], [1.0], None)
+    assert out.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "name, densities, params, match",
+    [
+        ("ties", [1.5], {}, r"density\[0\]=1.5 is outside \[0.0, 1.0\]"),
+        ("ties", [0.5], {"desnity": 0.5}, "did you mean 'density'"),
+        ("ties", [0.5], {"density": 0.5}, "per expert"),
+        ("ties", [0.5], {"normalize": 1}, "true or false"),
+        ("breadcrumbs", [0.5], {"gamma": -0.1}, "gamma=-0.1 is outside"),
+        ("della", [0.1], {"epsilon": 0.15}, "density \\+- epsilon"),
+        ("slerp", [1.0], {"t": 1.5}, "t=1.5 is outside"),
+        ("consensus", [1.0], {"lambda": float("nan")}, "must be finite"),
+        ("linear", [1.0, 1.0], {}, "sum to 0"),
+    ],
+)
+def test_domain_errors(name, densities, params, match):
+    weights = [1.0, -1.0] if name == "linear" else [1.0]
+    deltas = [T] * len(densities)
+    with pytest.raises(ConfigError, match=match):
+        get_method(name).merge(torch.zeros(4, 4), deltas, weights, densities, params, gen())
+
+
+def test_registry_and_declarations():
+    with pytest.raises(ConfigError, match="did you mean 'ties'"):
+        get_method("tie")
+    with pytest.raises(ConfigError, match="2 weights for 1 experts"):
+        get_method("ties").merge(T, [T], [1.0, 1.0], [1.0])
+    with pytest.raises(PoolError):
+        get_method("ties").merge(T, [T[:2]], [1.0], [1.0])
+    for name in METHODS.names():
+        method = get_method(name)
+        names = [p.name for p in method.parameters]
+        assert len(names) == len(set(names)), name
+        assert method.random == (name.startswith(("dare", "della")))
