@@ -165,10 +165,18 @@ def _as_float32(base: Tensor, deltas: list[Tensor]) -> tuple[Tensor, list[Tensor
 
 
 def _keep_largest(t: Tensor, k: int) -> Tensor:
-    """0/1 float mask of the k entries of largest |t| (exactly k; ties broken by torch.topk)."""
-    mask = torch.zeros(t.numel(), dtype=torch.float32, device=t.device)
-    if k > 0:
-        mask[torch.topk(t.abs().reshape(-1).float(), k, sorted=False).indices] = 1
+    """0/1 float mask of the k entries of largest |t| (exactly k; ties broken by torch.topk).
+    torch.topk has no 16M-element limit (unlike torch.quantile); for k > n/2 it drops the n-k smallest."""
+    n = t.numel()
+    magnitude = t.abs().reshape(-1).float()
+    if 2 * k <= n:
+        mask = torch.zeros(n, dtype=torch.float32, device=t.device)
+        if k > 0:
+            mask[torch.topk(magnitude, k, sorted=False).indices] = 1
+    else:
+        mask = torch.ones(n, dtype=torch.float32, device=t.device)
+        if k < n:
+            mask[torch.topk(magnitude, n - k, largest=False, sorted=False).indices] = 0
     return mask.reshape(t.shape)
 
 
@@ -223,7 +231,7 @@ def _bernoulli_keep(t: Tensor, density: float, generator: torch.Generator) -> Te
 def _della_probs(t: Tensor, density: float, epsilon: float) -> Tensor:
     """DELLA keep probabilities: density - eps + 2 eps * rank/(n-1), ranks of |t| along dim 1 (a 1-D
     tensor is one row), as mergekit. A row of one entry gets probability density (mergekit: NaN)."""
-    rows = t.unsqueeze(0) if t.dim() < 2 else t
+    rows = t.reshape(1, -1) if t.dim() < 2 else t
     ranks = torch.argsort(rows.abs(), dim=1).argsort(dim=1).float() + 1
     low = ranks.min(dim=1, keepdim=True).values
     high = ranks.max(dim=1, keepdim=True).values

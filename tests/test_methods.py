@@ -108,8 +108,13 @@ def test_topmag_keeps_exactly_k():
 
 
 def test_topmag_with_ties_keeps_exactly_k():
-    kept = topmag(torch.ones(4, 4), 0.5)
-    assert (kept != 0).sum() == 8
+    assert (topmag(torch.ones(4, 4), 0.5) != 0).sum() == 8
+    assert (topmag(torch.ones(4, 4), 0.75) != 0).sum() == 12  # k > n/2: drops the n-k smallest
+
+
+def test_topmag_dense_keeps_all_but_smallest():
+    kept = topmag(T, 0.75)  # 12 kept: the 4 smallest |entries| 0.1, 0.2, 0.25, 0.3 dropped
+    assert sorted(T[kept == 0].tolist()) == pytest.approx([0.1, 0.2, 0.25, 0.3])
 
 
 def test_ties_sign_election_by_mass():
