@@ -37,6 +37,7 @@ __all__ = [
     "outlier_prune",
     "lowrank_lora_merge",
     "dense_lora_delta",
+    "EVOMERGE_ONLY_PARAMS",
 ]
 
 
@@ -437,6 +438,10 @@ RESCALE_UNBIASED = Param(
     "rescale_unbiased", False, None, None, False,
     "evomerge only: divide kept entries by their keep probability (the papers' rescale), not L1 match",
 )
+
+
+# Flags mergekit does not have: a recipe that sets one True cannot be written as a mergekit config.
+EVOMERGE_ONLY_PARAMS = frozenset({NORMALIZE_ABS.name, RESCALE_UNBIASED.name})
 
 
 def _normalize(default: bool) -> Param:

@@ -251,3 +251,20 @@ def test_registry_and_declarations():
         names = [p.name for p in method.parameters]
         assert len(names) == len(set(names)), name
         assert method.random == (name.startswith(("dare", "della")))
+
+
+def test_every_method_runs_on_a_one_element_tensor():
+    one = torch.zeros(1)
+    for name in METHODS.names():
+        n = 1 if name == "slerp" else 2
+        out = get_method(name).merge(one, [one + 1] * n, [0.5] * n, [0.5] * n, None, gen())
+        assert out.shape == (1,) and torch.isfinite(out).all(), name
+
+
+def test_evomerge_only_flags_are_declared_and_off_by_default():
+    for name in METHODS.names():
+        for p in get_method(name).parameters:
+            if p.name in M.EVOMERGE_ONLY_PARAMS:
+                assert p.default is False
+    assert get_method("ties").param("normalize_abs") is not None
+    assert get_method("dare_ties").param("rescale_unbiased") is not None
