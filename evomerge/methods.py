@@ -83,7 +83,11 @@ class MergeMethod:
         params: dict[str, Any] | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Fill defaults, validate (ConfigError with one line), then call `fn` in float32."""
+        """Fill defaults, validate (ConfigError with one line), then call `fn` in float32.
+
+        weights/densities None mean 1.0 per expert; a method that declares no density ignores
+        densities. Random methods need `generator` (ValueError without one); the global RNG is never
+        used. Tensors may live on any device (the generator must be on the same one)."""
         deltas = list(deltas)
         self._check_count(len(deltas))
         weights = self._per_expert("weight", weights, len(deltas))
@@ -291,7 +295,7 @@ class _TaskArithmetic:
 
     def __call__(self, base, deltas, *, weights, densities, params, generator) -> Tensor:
         sparse = [_sparsify(self.sparsify, d, rho, params, generator) for d, rho in zip(deltas, densities)]
-        w = torch.tensor(weights, dtype=torch.float32).reshape(-1, *([1] * base.dim()))
+        w = torch.tensor(weights, dtype=torch.float32, device=base.device).reshape(-1, *([1] * base.dim()))
         weighted = torch.stack(sparse) * w
         if self.elect:
             mask = _elect(weighted)
@@ -328,7 +332,7 @@ def _divisor(signed: Tensor, absolute: Tensor, params: dict[str, Any], tol: floa
 
 def _linear(base, deltas, *, weights, densities, params, generator) -> Tensor:
     """mergekit linear over the experts theta_t = theta0 + tau_t: sum_t w_t theta_t (/ sum_t w_t)."""
-    w = torch.tensor(weights, dtype=torch.float32).reshape(-1, *([1] * base.dim()))
+    w = torch.tensor(weights, dtype=torch.float32, device=base.device).reshape(-1, *([1] * base.dim()))
     merged = (torch.stack([base + d for d in deltas]) * w).sum(dim=0)
     if params["normalize_abs"]:
         return merged / w.abs().sum()
