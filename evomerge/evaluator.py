@@ -1,0 +1,535 @@
+"""Evaluator: a suite of tasks (`evaluators/*.yaml` + local JSONL) scored through a backend.
+
+The suite format uses lm-evaluation-harness's words (task, dataset_path, output_type, doc_to_text,
+doc_to_target, doc_to_choice, num_fewshot, generation_kwargs.until, metric_list). Every check on
+the user's input (files, JSONL lines, template fields) happens in `load_suite`, before any model
+work, and fails with one EvomergeError line.
+
+Scores are oriented higher-is-better: a task's score is its first metric, negated where lower is
+better (loss -> score = -mean cross-entropy per continuation token). The suite's scalar is the
+weight-averaged task score.
+
+    suite = load_suite("evaluators/zoo-loss.yaml")
+    backend = build_backend("hf", model="zoo/base")
+    result = evaluate(suite, backend)      # SuiteResult: .scores, .scalar, .tasks[name].metrics
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Union
+
+import jinja2
+import jinja2.meta
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from evomerge.errors import ConfigError, EvomergeError
+
+OutputType = Literal["loss", "generate_until", "multiple_choice"]
+MetricName = Literal["loss", "exact_match", "regex", "contains", "acc", "acc_norm"]
+
+# Which metrics each output type can report, and which one it reports when metric_list is empty.
+METRICS_FOR: dict[str, tuple[str, ...]] = {
+    "loss": ("loss",),
+    "generate_until": ("exact_match", "regex", "contains"),
+    "multiple_choice": ("acc", "acc_norm"),
+}
+LOWER_IS_BETTER = {"loss"}
+N_CHECKED_RECORDS = 5  # templates are checked against the first records of each data file
+
+
+# ---- the suite format ---------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MetricSpec(_Strict):
+    metric: MetricName
+    regex_pattern: Optional[str] = None  # regex: the answer is group 1 (or the whole match)
+    ignore_case: bool = False
+    aggregation: Literal["mean"] = "mean"
+    higher_is_better: Optional[bool] = None  # informative; fixed by the metric
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.metric == "regex":
+            if not self.regex_pattern:
+                raise ValueError("metric 'regex' needs regex_pattern")
+            try:
+                re.compile(self.regex_pattern)
+            except re.error as error:
+                raise ValueError(f"regex_pattern {self.regex_pattern!r} does not compile: {error}")
+        elif self.regex_pattern is not None:
+            raise ValueError(f"regex_pattern only applies to metric 'regex', not {self.metric!r}")
+        expected = self.metric not in LOWER_IS_BETTER
+        if self.higher_is_better is not None and self.higher_is_better != expected:
+            raise ValueError(f"metric {self.metric!r} has higher_is_better: {expected}")
+        return self
+
+
+class GenerationKwargs(_Strict):
+    until: list[str] = Field(default_factory=lambda: ["\n"])
+    max_gen_toks: int = Field(64, ge=1)
+
+
+class TaskConfig(_Strict):
+    task: str = Field(min_length=1)
+    dataset_path: str  # JSONL, relative to the suite file
+    output_type: OutputType = "loss"
+    doc_to_text: str
+    doc_to_target: Union[str, int]
+    doc_to_choice: Union[str, list[str], None] = None
+    description: str = ""  # prepended to every prompt
+    num_fewshot: int = Field(0, ge=0)
+    fewshot_path: Optional[str] = None  # JSONL; default: the task's own data, minus the doc itself
+    fewshot_delimiter: str = "\n\n"
+    target_delimiter: str = " "
+    limit: Optional[int] = Field(None, ge=1)  # seeded subsample of this many docs
+    generation_kwargs: GenerationKwargs = Field(default_factory=GenerationKwargs)
+    metric_list: list[MetricSpec] = Field(default_factory=list)
+    apply_chat_template: bool = False
+    weight: float = Field(1.0, ge=0)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self):
+        allowed = METRICS_FOR[self.output_type]
+        for spec in self.metric_list:
+            if spec.metric not in allowed:
+                raise ValueError(
+                    f"metric {spec.metric!r} does not apply to output_type {self.output_type!r}"
+                    f" (use {', '.join(allowed)})"
+                )
+        if self.output_type == "multiple_choice" and self.doc_to_choice is None:
+            raise ValueError("output_type 'multiple_choice' needs doc_to_choice")
+        if self.output_type == "loss" and self.apply_chat_template:
+            pass  # allowed: the context is formatted as a chat turn, the target scored after it
+        return self
+
+    @property
+    def metrics(self) -> list[MetricSpec]:
+        return self.metric_list or [MetricSpec(metric=METRICS_FOR[self.output_type][0])]
+
+
+class Suite(_Strict):
+    """A validated suite with its data loaded (build it with `load_suite`)."""
+
+    tasks: list[TaskConfig]
+    seed: int = 1234
+    description: str = ""
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    _path: Optional[Path] = PrivateAttr(None)
+    _docs: dict[str, list[dict]] = PrivateAttr(default_factory=dict)
+    _fewshot: dict[str, list[dict]] = PrivateAttr(default_factory=dict)
+
+    @property
+    def path(self) -> Optional[Path]:
+        return self._path
+
+    def docs(self, task: str) -> list[dict]:
+        return self._docs[task]
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.task for t in self.tasks]
+
+
+# ---- loading and checking -----------------------------------------------------------------------
+
+
+def _pydantic_line(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors()[:3]:
+        where = ".".join(str(p) for p in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (typo?)"
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Read a JSONL file; a bad line is one error naming file:line."""
+    if not path.is_file():
+        raise EvomergeError(f"data file {path} does not exist")
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise EvomergeError(f"{path}:{number}: not valid JSON ({error.msg}, column {error.colno})")
+            if not isinstance(record, dict):
+                raise EvomergeError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+    if not records:
+        raise EvomergeError(f"data file {path} has no records")
+    return records
+
+
+def load_suite(path: str | Path, *, limit: Optional[int] = None) -> Suite:
+    """Read, validate and load a suite YAML and its data. `limit` caps every task's doc count."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"suite {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"suite {path} is not valid YAML: {str(error).splitlines()[0]}")
+    suite = suite_from_dict(raw, base_dir=path.parent, name=str(path), limit=limit)
+    suite._path = path
+    return suite
+
+
+def suite_from_dict(
+    raw: Any, *, base_dir: str | Path = ".", name: str = "suite", limit: Optional[int] = None
+) -> Suite:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected a mapping with a 'tasks:' list")
+    if not raw.get("tasks"):
+        raise ConfigError(f"{name}: the suite is empty (add at least one entry under 'tasks:')")
+    if limit is not None:
+        raw = {**raw, "tasks": [{**t, "limit": min(limit, t.get("limit") or limit)} for t in raw["tasks"]]}
+    try:
+        suite = Suite.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(f"{name}: {_pydantic_line(error)}") from None
+    seen = set()
+    for task in suite.tasks:
+        if task.task in seen:
+            raise ConfigError(f"{name}: task {task.task!r} appears twice")
+        seen.add(task.task)
+    if sum(t.weight for t in suite.tasks) <= 0:
+        raise ConfigError(f"{name}: task weights sum to 0")
+    base_dir = Path(base_dir)
+    for task in suite.tasks:
+        data_path = base_dir / task.dataset_path
+        docs = read_jsonl(data_path)
+        _check_templates(task, docs, data_path)
+        suite._docs[task.task] = docs
+        if task.num_fewshot:
+            shots_path = base_dir / task.fewshot_path if task.fewshot_path else data_path
+            shots = read_jsonl(shots_path) if task.fewshot_path else docs
+            _check_templates(task, shots, shots_path)
+            needed = task.num_fewshot + (0 if task.fewshot_path else 1)
+            if len(shots) < needed:
+                raise ConfigError(
+                    f"task {task.task!r}: num_fewshot {task.num_fewshot} needs {needed} records"
+                    f" in {shots_path}, it has {len(shots)}"
+                )
+            suite._fewshot[task.task] = shots
+    return suite
+
+
+# ---- templates (lm-eval semantics: "{{ ... }}" is jinja2, anything else names a field) ----------
+
+_JINJA = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+_COMPILED: dict[str, jinja2.Template] = {}
+
+
+def _is_jinja(template: str) -> bool:
+    return "{{" in template or "{%" in template
+
+
+def _fields(template: str) -> set[str]:
+    if _is_jinja(template):
+        return jinja2.meta.find_undeclared_variables(_JINJA.parse(template))
+    return {template}
+
+
+def render(template: Any, doc: dict) -> Any:
+    """Apply a doc_to_* template to one record (field name, jinja2 template, int or list)."""
+    if not isinstance(template, str):
+        return template
+    if not _is_jinja(template):
+        return doc[template]
+    compiled = _COMPILED.get(template)
+    if compiled is None:
+        compiled = _COMPILED[template] = _JINJA.from_string(template)
+    return compiled.render(**doc)
+
+
+def _check_templates(task: TaskConfig, docs: list[dict], data_path: Path) -> None:
+    for key in ("doc_to_text", "doc_to_target", "doc_to_choice"):
+        template = getattr(task, key)
+        if not isinstance(template, str):
+            continue
+        try:
+            names = _fields(template)
+        except jinja2.TemplateSyntaxError as error:
+            raise ConfigError(f"task {task.task!r}: {key} is not a valid jinja2 template ({error})")
+        for number, doc in enumerate(docs[:N_CHECKED_RECORDS], 1):
+            missing = sorted(names - set(doc))
+            if missing:
+                raise ConfigError(
+                    f"task {task.task!r}: {key} names field {missing[0]!r}, missing from record"
+                    f" {number} of {data_path} (fields: {', '.join(sorted(doc))})"
+                )
+            try:
+                render(template, doc)
+                if key == "doc_to_choice":
+                    _choices(task, doc)
+                elif key == "doc_to_target" and task.output_type == "multiple_choice":
+                    _target_index(task, doc)
+            except (jinja2.UndefinedError, jinja2.TemplateError, TypeError, ValueError, KeyError) as error:
+                raise ConfigError(
+                    f"task {task.task!r}: {key} fails on record {number} of {data_path}: {error}"
+                )
+
+
+def _choices(task: TaskConfig, doc: dict) -> list[str]:
+    value = render(task.doc_to_choice, doc)
+    if isinstance(value, str):
+        value = ast.literal_eval(value)
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"doc_to_choice must give a non-empty list, got {value!r}")
+    return [str(choice) for choice in value]
+
+
+def _target_index(task: TaskConfig, doc: dict) -> int:
+    choices = _choices(task, doc)
+    target = render(task.doc_to_target, doc)
+    if isinstance(target, str) and target.strip().lstrip("-").isdigit() and target not in choices:
+        target = int(target)
+    if isinstance(target, int):
+        if not 0 <= target < len(choices):
+            raise ValueError(f"target index {target} out of range for {len(choices)} choices")
+        return target
+    if str(target) not in choices:
+        raise ValueError(f"target {target!r} is not one of the choices {choices}")
+    return choices.index(str(target))
+
+
+# ---- requests -----------------------------------------------------------------------------------
+
+
+def _subsample(n: int, limit: Optional[int], seed: int, task: str) -> list[int]:
+    if limit is None or limit >= n:
+        return list(range(n))
+    return sorted(random.Random(f"{seed}/{task}/limit").sample(range(n), limit))
+
+
+def _context(task: TaskConfig, suite: Suite, index: int, doc: dict) -> str:
+    parts = []
+    if task.num_fewshot:
+        pool = suite._fewshot[task.task]
+        candidates = range(len(pool)) if task.fewshot_path else [i for i in range(len(pool)) if i != index]
+        rng = random.Random(f"{suite.seed}/{task.task}/fewshot/{index}")
+        for i in rng.sample(list(candidates), task.num_fewshot):
+            shot = pool[i]
+            if task.output_type == "multiple_choice":
+                target = _choices(task, shot)[_target_index(task, shot)]
+            else:
+                target = str(render(task.doc_to_target, shot))
+            parts.append(str(render(task.doc_to_text, shot)) + task.target_delimiter + target)
+    parts.append(str(render(task.doc_to_text, doc)))
+    return task.description + task.fewshot_delimiter.join(parts)
+
+
+@dataclass
+class TaskRequests:
+    """What one task asks of a backend, built once per (suite, task, chat formatter)."""
+
+    task: TaskConfig
+    doc_indices: list[int]
+    loglikelihood: list[tuple[str, str]] = field(default_factory=list)
+    generate: list[tuple[str, dict]] = field(default_factory=list)
+    targets: list[Any] = field(default_factory=list)  # str (loss/generate) or (index, choices) for MC
+    spans: list[tuple[int, int]] = field(default_factory=list)  # MC: request slice per doc
+
+
+def build_requests(
+    suite: Suite, task: TaskConfig, chat: Optional[Callable[[str], str]] = None
+) -> TaskRequests:
+    docs = suite.docs(task.task)
+    indices = _subsample(len(docs), task.limit, suite.seed, task.task)
+    out = TaskRequests(task=task, doc_indices=indices)
+    for index in indices:
+        doc = docs[index]
+        context = _context(task, suite, index, doc)
+        delimiter = task.target_delimiter
+        if task.apply_chat_template and chat is not None:
+            context, delimiter = chat(context), ""
+        if task.output_type == "loss":
+            target = str(render(task.doc_to_target, doc))
+            out.loglikelihood.append((context, delimiter + target))
+            out.targets.append(target)
+        elif task.output_type == "multiple_choice":
+            choices = _choices(task, doc)
+            start = len(out.loglikelihood)
+            out.loglikelihood.extend((context, delimiter + c) for c in choices)
+            out.spans.append((start, len(out.loglikelihood)))
+            out.targets.append((_target_index(task, doc), choices))
+        else:
+            kwargs = task.generation_kwargs.model_dump()
+            if task.apply_chat_template and chat is None:
+                kwargs["chat"] = True  # the backend formats it (e.g. a chat endpoint)
+            out.generate.append((context, kwargs))
+            out.targets.append(str(render(task.doc_to_target, doc)))
+    return out
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+
+
+def cut_at_stop(text: str, until: list[str]) -> str:
+    """Cut a generation at the first stop string (what lm-eval does after generation)."""
+    cut = len(text)
+    for stop in until:
+        if stop:
+            position = text.find(stop)
+            if position != -1:
+                cut = min(cut, position)
+    return text[:cut]
+
+
+def extract_regex(text: str, pattern: str) -> str:
+    match = re.search(pattern, text)
+    if match is None:
+        return "[invalid]"
+    return (match.group(1) if match.groups() else match.group(0)).strip()
+
+
+def score_generation(spec: MetricSpec, generation: str, target: str) -> float:
+    prediction, gold = generation.strip(), target.strip()
+    if spec.metric == "regex":
+        prediction = extract_regex(generation, spec.regex_pattern)
+    if spec.ignore_case:
+        prediction, gold = prediction.lower(), gold.lower()
+    if spec.metric == "contains":
+        return float(gold in prediction)
+    return float(prediction == gold)
+
+
+# ---- evaluation ---------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskResult:
+    task: str
+    output_type: str
+    metrics: dict[str, float]  # raw values, lm-eval orientation (loss: lower is better)
+    score: float  # first metric, higher is better (loss -> -loss)
+    n: int  # docs scored
+    weight: float
+    seconds: float
+    samples: list[dict] = field(default_factory=list, repr=False)  # per-doc outputs, if asked
+
+
+@dataclass
+class SuiteResult:
+    tasks: dict[str, TaskResult]
+    scalar: float  # weighted mean of the task scores, higher is better
+    seconds: float  # wall time of the whole evaluation
+    backend: str = ""
+
+    @property
+    def scores(self) -> dict[str, float]:
+        return {name: result.score for name, result in self.tasks.items()}
+
+    def to_dict(self) -> dict:
+        return {
+            "scalar": self.scalar,
+            "scores": self.scores,
+            "seconds": self.seconds,
+            "backend": self.backend,
+            "tasks": {name: asdict(result) for name, result in self.tasks.items()},
+            "note": "scores are higher-is-better: a loss task scores -(mean cross-entropy per token)",
+        }
+
+
+def _score_loss(requests: TaskRequests, outputs) -> tuple[dict[str, float], list[dict]]:
+    total_logprob = sum(logprob for logprob, _, _ in outputs)
+    total_tokens = sum(n for _, n, _ in outputs)
+    loss = -total_logprob / max(total_tokens, 1)
+    samples = [{"logprob": lp, "tokens": n, "greedy": g} for lp, n, g in outputs]
+    return {"loss": loss}, samples
+
+
+def _score_choice(requests: TaskRequests, outputs) -> tuple[dict[str, float], list[dict]]:
+    hits = {spec.metric: 0.0 for spec in requests.task.metrics}
+    samples = []
+    for (start, end), (gold, choices) in zip(requests.spans, requests.targets):
+        logprobs = [outputs[i][0] for i in range(start, end)]
+        predicted = max(range(len(logprobs)), key=logprobs.__getitem__)
+        normed = [lp / max(len((requests.task.target_delimiter + c).encode()), 1) for lp, c in zip(logprobs, choices)]
+        predicted_norm = max(range(len(normed)), key=normed.__getitem__)
+        if "acc" in hits:
+            hits["acc"] += predicted == gold
+        if "acc_norm" in hits:
+            hits["acc_norm"] += predicted_norm == gold
+        samples.append({"logprobs": logprobs, "gold": gold, "predicted": predicted})
+    n = max(len(requests.spans), 1)
+    return {name: value / n for name, value in hits.items()}, samples
+
+
+def _score_generate(requests: TaskRequests, outputs: list[str]) -> tuple[dict[str, float], list[dict]]:
+    until = requests.task.generation_kwargs.until
+    generations = [cut_at_stop(text, until) for text in outputs]
+    metrics = {}
+    for spec in requests.task.metrics:
+        values = [score_generation(spec, g, t) for g, t in zip(generations, requests.targets)]
+        metrics[spec.metric] = sum(values) / max(len(values), 1)
+    samples = [{"generation": g, "target": t} for g, t in zip(generations, requests.targets)]
+    return metrics, samples
+
+
+def evaluate(suite: Suite, backend, *, keep_samples: bool = False) -> SuiteResult:
+    """Score every task of `suite` through `backend`; scores are higher-is-better."""
+    started = time.perf_counter()
+    chat = getattr(backend, "apply_chat_template", None)
+    for task in suite.tasks:
+        if task.apply_chat_template and chat is None and task.output_type != "generate_until":
+            raise ConfigError(
+                f"task {task.task!r}: apply_chat_template with output_type {task.output_type!r} needs"
+                f" a backend that holds the tokenizer (hf, vllm); {backend.name!r} can only chat-generate"
+            )
+    check = getattr(backend, "check", None)
+    if check is not None:  # e.g. does the endpoint return prompt logprobs? (before any real work)
+        check({task.output_type for task in suite.tasks})
+    results: dict[str, TaskResult] = {}
+    for task in suite.tasks:
+        task_started = time.perf_counter()
+        requests = build_requests(suite, task, chat if task.apply_chat_template else None)
+        if task.output_type == "generate_until":
+            metrics, samples = _score_generate(requests, backend.generate_until(requests.generate))
+        else:
+            outputs = backend.loglikelihood(requests.loglikelihood)
+            scorer = _score_loss if task.output_type == "loss" else _score_choice
+            metrics, samples = scorer(requests, outputs)
+        primary = task.metrics[0].metric
+        value = metrics[primary]
+        score = -value if primary in LOWER_IS_BETTER else value
+        if not math.isfinite(score):
+            score = -math.inf
+        results[task.task] = TaskResult(
+            task=task.task,
+            output_type=task.output_type,
+            metrics=metrics,
+            score=score,
+            n=len(requests.doc_indices),
+            weight=task.weight,
+            seconds=time.perf_counter() - task_started,
+            samples=samples if keep_samples else [],
+        )
+    total_weight = sum(r.weight for r in results.values())
+    scalar = sum(r.weight * r.score for r in results.values()) / total_weight
+    return SuiteResult(
+        tasks=results,
+        scalar=scalar,
+        seconds=time.perf_counter() - started,
+        backend=getattr(backend, "name", type(backend).__name__),
+    )
