@@ -266,11 +266,14 @@ def _split_mergekit_params(params: dict[str, Any], where: str) -> tuple[dict[str
 
 def recipe_to_mergekit(recipe: Recipe, pool_spec: dict[str, Any]) -> dict[str, Any]:
     """The mergekit YAML for a recipe, when mergekit can express it (else ConfigError saying why)."""
-    from evomerge.methods import get_method
+    from evomerge.methods import EVOMERGE_ONLY_PARAMS, get_method
 
     method = get_method(recipe.method)
     if method.mergekit_name is None:
         raise ConfigError(f"method {recipe.method} has no mergekit equivalent")
+    for params in [recipe.parameters] + [o.parameters for o in recipe.overrides]:
+        for name in EVOMERGE_ONLY_PARAMS & {k for k, v in params.items() if v}:
+            raise ConfigError(f"parameter {name} is evomerge's own; mergekit cannot express it")
     reverse_filters = {v: k for k, v in MERGEKIT_FILTERS.items()}
     per_model: dict[str, dict[str, Any]] = {n: dict(p.model_dump()) for n, p in recipe.experts.items()}
     for override in recipe.overrides:

@@ -215,3 +215,9 @@ def test_cli_merge_bad_config_is_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "no such model directory" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_evomerge_only_flags_are_not_exported_to_mergekit(full_pool):
+    spec, _ = full_pool
+    with pytest.raises(ConfigError, match="normalize_abs is evomerge's own"):
+        recipe_to_mergekit(recipe("ties", parameters={"normalize_abs": True}), spec)
