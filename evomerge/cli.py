@@ -94,6 +94,115 @@ def zoo(
     build_zoo(output, size=size, seed=seed, progress=True)
 
 
+RunDirArgument = typer.Argument(..., help="A run directory (runs/NAME).")
+
+
+def _search_progress(run_dir: Path, budget: int):
+    """A rich live display: evaluations done / budget, best score so far, failures, rate."""
+    from evomerge.progress import SearchProgress
+    from evomerge.run import Run
+
+    return SearchProgress(console, budget, done=Run(run_dir).evaluations())
+
+
+@app.command()
+@user_errors
+def search(
+    config: Path = typer.Argument(..., help="A search config (pool, space, suite, optimizer, budget, workers)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Where the run goes (default runs/NAME)."),
+    budget: Optional[int] = typer.Option(None, help="Evaluations in all (overrides the config)."),
+    workers: Optional[int] = typer.Option(None, help="Number of Ray workers (overrides the config)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join an existing Ray cluster."),
+    seed: Optional[int] = typer.Option(None, help="Seed (overrides the config)."),
+):
+    """Search for a merge recipe; resumable with `evomerge resume RUN` after any stop.
+
+    Example: evomerge search examples/evo-merging.yaml --run-dir runs/demo --budget 200 --workers 2
+    """
+    from evomerge.config import load_search_config
+    from evomerge.search import search as run_search
+
+    loaded = load_search_config(config, budget=budget, seed=seed)
+    updates = {"count": workers, "ray_address": ray_address}
+    loaded = loaded.model_copy(update={"workers": loaded.workers.model_copy(
+        update={k: v for k, v in updates.items() if v is not None})})
+    run_dir = run_dir or Path("runs") / (loaded.name or config.stem)
+    with _search_progress(run_dir, loaded.budget) as progress:
+        run = run_search(loaded, run_dir, progress=progress)
+    _print_summary(run)
+
+
+@app.command()
+@user_errors
+def resume(run_dir: Path = RunDirArgument):
+    """Continue a stopped run: finished candidates are kept, in-flight ones run again."""
+    from evomerge.run import Run
+    from evomerge.search import resume as run_resume
+
+    budget = Run.open(run_dir).config()["budget"]
+    with _search_progress(run_dir, budget) as progress:
+        run = run_resume(run_dir, progress=progress)
+    _print_summary(run)
+
+
+def _print_summary(run) -> None:
+    from evomerge.report import summary_line
+
+    console.print(summary_line(run))
+
+
+@app.command()
+@user_errors
+def show(
+    run_dir: Path = RunDirArgument,
+    top: int = typer.Option(5, help="How many of the best candidates to list."),
+    plot: bool = typer.Option(False, "--plot", help="Write PNGs (score over evaluations, Pareto front) into the run dir."),
+):
+    """Status, best candidates, Pareto front, and the best against the base and each expert (works while live)."""
+    from evomerge.report import render_run
+    from evomerge.run import Run
+
+    run = Run.open(run_dir)
+    render_run(run, Console(), top=top)
+    if plot:
+        from evomerge.plots import plot_run
+
+        for path in plot_run(run):
+            console.print(f"wrote {path}")
+
+
+@app.command()
+@user_errors
+def export(
+    run_dir: Path = RunDirArgument,
+    pick: str = typer.Option("best", help="'best' or a candidate id."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory for the merged model."),
+    device: str = DeviceOption,
+    dtype: Optional[str] = typer.Option(None, help="Output dtype (default: the base's)."),
+):
+    """Write a candidate's merged model as an HF directory, with its recipe and a mergekit YAML where expressible."""
+    from evomerge.report import export_candidate
+    from evomerge.run import Run
+
+    path = export_candidate(Run.open(run_dir), pick, output, device=device, dtype=dtype)
+    console.print(f"exported to {path}")
+
+
+@app.command()
+@user_errors
+def demo(
+    zoo_dir: Path = typer.Option(Path("zoo"), "--zoo", help="Where the demo zoo is (built there if missing)."),
+    size: str = typer.Option("small", help="Zoo size: tiny or small."),
+    budget: int = typer.Option(60, help="Evaluations of the search."),
+    workers: int = typer.Option(2, help="Ray workers."),
+    run_dir: Path = typer.Option(Path("runs/demo"), "--run-dir", help="Where the demo's run goes (replaced if it exists)."),
+):
+    """Build the demo zoo if missing, run a short Evo-Merging search, and compare it with the base, experts and classic recipes."""
+    from evomerge.demo import run_demo
+
+    run_demo(zoo_dir, size=size, budget=budget, workers=workers, run_dir=run_dir, console=Console())
+
+
 # ---- eval (owned by the evaluator module) ---------------------------------------------------
 # BEGIN eval command
 # END eval command

@@ -1,0 +1,80 @@
+"""Plots of a run (matplotlib, headless): score over evaluations, and the Pareto front over tasks."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+
+from evomerge.run import REFERENCES, Run, pareto_front
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_run(run: Run, out_dir: Path | None = None) -> list[Path]:
+    out_dir = Path(out_dir or run.path)
+    evaluations = [e for e in run.evaluations() if e.ok]
+    if not evaluations:
+        return []
+    return [plot_progress(run, out_dir / "score_over_evaluations.png"), plot_pareto(run, out_dir / "pareto_front.png")]
+
+
+def plot_progress(run: Run, path: Path) -> Path:
+    plt = _pyplot()
+    evaluations = run.evaluations()
+    x = np.arange(1, len(evaluations) + 1)
+    objective = np.array([e.objective if e.ok else np.nan for e in evaluations])
+    best = np.fmin.accumulate(np.where(np.isnan(objective), np.inf, objective))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.scatter(x, objective, s=8, alpha=0.5, label="candidate")
+    ax.plot(x, best, color="black", label="best so far")
+    for stage_start in [i for i in range(1, len(evaluations)) if evaluations[i].stage != evaluations[i - 1].stage]:
+        ax.axvline(stage_start + 0.5, color="grey", linestyle=":", label="next stage")
+    ax.set_xlabel("evaluations")
+    ax.set_ylabel("objective (lower is better)")
+    ax.set_title(f"{run.path.name}: objective over evaluations")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_pareto(run: Run, path: Path) -> Path:
+    """Pairwise task scores: every candidate, the non-dominated ones, and the reference models."""
+    plt = _pyplot()
+    evaluations = [e for e in run.evaluations() if e.ok]
+    front = pareto_front(evaluations)
+    tasks = front["tasks"]
+    pairs = list(itertools.combinations(tasks, 2)) or [(tasks[0], tasks[0])]
+    columns = min(3, len(pairs))
+    rows = (len(pairs) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.6 * rows), squeeze=False)
+    front_ids = {p["id"] for p in front["front"]}
+    references = run.read_json(REFERENCES) or {}
+    for ax, (a, b) in zip(axes.flat, pairs):
+        ax.scatter([e.scores[a] for e in evaluations], [e.scores[b] for e in evaluations], s=6, alpha=0.3, label="candidates")
+        on_front = [e for e in evaluations if e.id in front_ids]
+        ax.scatter([e.scores[a] for e in on_front], [e.scores[b] for e in on_front], s=14, color="red", label="Pareto front")
+        for name, ref in references.items():
+            if ref.get("scores"):
+                ax.scatter(ref["scores"][a], ref["scores"][b], marker="x", color="black")
+                ax.annotate(name, (ref["scores"][a], ref["scores"][b]), fontsize=7)
+        ax.set_xlabel(a)
+        ax.set_ylabel(b)
+    for ax in list(axes.flat)[len(pairs):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"{run.path.name}: task scores (higher is better), hypervolume {front['hypervolume']:.3g}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,112 @@
+"""Reading a run for people: `show`'s tables, the one-line summary, and `export`.
+
+Everything here reads the run directory only, so it works while the search is live.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from evomerge.errors import ConfigError, EvomergeError
+from evomerge.recipe import Recipe, recipe_to_mergekit
+from evomerge.run import PARETO, REFERENCES, Evaluation, Run, pareto_front
+
+
+def summary_line(run: Run) -> str:
+    evaluations = run.evaluations()
+    failed = sum(not e.ok for e in evaluations)
+    best = run.best(1)
+    best_text = f"best objective {best[0].objective:.4f} (candidate {best[0].id})" if best else "no successful candidate"
+    return f"{run.path}: {len(evaluations)} evaluations, {failed} failed, {best_text}"
+
+
+def render_run(run: Run, console: Console, top: int = 5) -> None:
+    config, status, evaluations = run.config(), run.status(), run.evaluations()
+    console.print(f"[bold]{run.path}[/]  state [bold]{status['state']}[/]  "
+                  f"{len(evaluations)}/{config['budget']} evaluations  "
+                  f"{sum(not e.ok for e in evaluations)} failed")
+    if not evaluations:
+        return
+    best = run.best(top)
+    tasks = sorted(best[0].scores) if best else []
+    console.print(_best_table(best, tasks))
+    front = run.read_json(PARETO) if status["state"] == "finished" else None
+    console.print(_pareto_table(front or pareto_front(evaluations)))
+    references = run.read_json(REFERENCES)
+    if references and best:
+        console.print(_comparison_table(best[0], references, tasks))
+    failures = [e for e in evaluations if not e.ok]
+    if failures:
+        console.print(f"last failure: candidate {failures[-1].id}: {failures[-1].reason}")
+
+
+def _best_table(best: list[Evaluation], tasks: list[str]) -> Table:
+    table = Table(title="best candidates (objective: lower is better; task scores: higher is better)")
+    for column in ("id", "stage", "objective", *tasks, "genome"):
+        table.add_column(column, justify="right" if column != "genome" else "left")
+    for e in best:
+        genome = " ".join(f"{g:+.2f}" for g in e.genome[:8]) + (" ..." if len(e.genome) > 8 else "")
+        table.add_row(str(e.id), str(e.stage), f"{e.objective:.4f}", *(f"{e.scores[t]:.4f}" for t in tasks), genome)
+    return table
+
+
+def _pareto_table(front: dict) -> Table:
+    table = Table(title=f"Pareto front over tasks ({len(front['front'])} points, hypervolume {front['hypervolume']:.4g})")
+    table.add_column("id", justify="right")
+    for task in front["tasks"]:
+        table.add_column(task, justify="right")
+    for point in front["front"]:
+        table.add_row(str(point["id"]), *(f"{point['scores'][t]:.4f}" for t in front["tasks"]))
+    return table
+
+
+def _comparison_table(best: Evaluation, references: dict, tasks: list[str]) -> Table:
+    table = Table(title="per-task scores: best candidate vs the base and each expert")
+    for column in ("model", *tasks, "mean"):
+        table.add_column(column, justify="right" if column != "model" else "left")
+    rows = [(f"best ({best.id})", best.scores)] + [(name, ref.get("scores", {})) for name, ref in references.items()]
+    for name, scores in rows:
+        if not scores:
+            table.add_row(name, *("failed" for _ in tasks), "")
+            continue
+        table.add_row(name, *(f"{scores[t]:.4f}" for t in tasks), f"{sum(scores[t] for t in tasks) / len(tasks):.4f}")
+    return table
+
+
+def pick_candidate(run: Run, pick: str) -> Evaluation:
+    if pick == "best":
+        best = run.best(1)
+        if not best:
+            raise EvomergeError(f"{run.path}: no successful candidate to export yet")
+        return best[0]
+    try:
+        chosen = run.get(int(pick))
+    except ValueError:
+        raise EvomergeError(f"--pick takes 'best' or a candidate id, not {pick!r}") from None
+    if not chosen.ok:
+        raise EvomergeError(f"candidate {chosen.id} failed ({chosen.reason}); pick another")
+    return chosen
+
+
+def export_candidate(run: Run, pick: str, output: Path, device: str = "cpu", dtype: str | None = None) -> Path:
+    """The candidate's merged model (or low-rank adapter) + recipe.yaml + mergekit.yaml where expressible."""
+    from evomerge.config import open_pool
+    from evomerge.materialize import write_adapter_dir, write_model_dir
+
+    chosen = pick_candidate(run, pick)
+    recipe = Recipe.model_validate(chosen.recipe)
+    pool_spec = run.config()["pool"]
+    pool = open_pool(pool_spec)
+    if recipe.lora_merge == "lowrank":
+        path = write_adapter_dir(recipe, pool, output, device=device)
+    else:
+        path = write_model_dir(recipe, pool, output, device=device, dtype=dtype)
+    try:
+        (path / "mergekit.yaml").write_text(yaml.safe_dump(recipe_to_mergekit(recipe, pool_spec), sort_keys=False))
+    except ConfigError:
+        pass  # mergekit cannot express this recipe (e.g. evo_merging's top-magnitude masks)
+    return path

@@ -1,0 +1,34 @@
+"""Fast synthetic objectives for the search loop's mechanics (config `objective: tests.objectives:NAME`).
+
+Each takes a Recipe and returns per-task scores (higher is better), like an evaluated merge would.
+Behaviour on real models is tested on the tiny demo zoo.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from evomerge.recipe import Recipe
+
+
+def quadratic(recipe: Recipe) -> dict[str, float]:
+    """One 'task' per expert: best when that expert's weight is 1, the others' 0.2, densities 0.6."""
+    delay = float(os.environ.get("EVOMERGE_TEST_DELAY", "0"))
+    if delay:
+        time.sleep(delay)
+    names = list(recipe.experts)
+    scores = {}
+    for task in names:
+        loss = 0.0
+        for name, params in recipe.experts.items():
+            loss += (params.weight - (1.0 if name == task else 0.2)) ** 2 + (params.density - 0.6) ** 2
+        scores[task] = -loss
+    return scores
+
+
+def fails_on_negative(recipe: Recipe) -> dict[str, float]:
+    """Like quadratic, but a candidate with a negative weight raises (a failed merge)."""
+    if any(p.weight < 0 for p in recipe.experts.values()):
+        raise ValueError("negative weight: merged weights hold NaN")
+    return quadratic(recipe)
