@@ -205,6 +205,63 @@ def demo(
 
 # ---- eval (owned by the evaluator module) ---------------------------------------------------
 # BEGIN eval command
+@app.command("eval")
+@user_errors
+def eval_command(
+    target: str = typer.Argument(..., help="A model dir (hf, vllm) or an OpenAI-compatible URL (http://host:port/v1)."),
+    suite: Path = typer.Option(..., "--suite", help="A task suite, e.g. evaluators/zoo-loss.yaml."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="hf, openai or vllm (default: openai for a URL, else hf)."),
+    device: str = DeviceOption,
+    batch_size: int = typer.Option(16, "--batch-size", help="Requests per forward pass (hf)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Score at most this many docs per task (seeded subsample)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model name at the endpoint (default: its first listed model)."),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable that holds the endpoint's API key."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the scores as JSON here."),
+):
+    """Score a model or an endpoint on a suite: per-task scores (higher is better) and the weighted scalar.
+
+    Examples:
+      evomerge eval zoo/base --suite evaluators/zoo-loss.yaml
+      evomerge eval http://localhost:8000/v1 --suite evaluators/zoo-generate.yaml --model my-model
+    """
+    import json
+
+    from rich.table import Table
+
+    from evomerge.backends import BACKENDS, build_backend
+    from evomerge.evaluator import evaluate, load_suite
+
+    is_url = target.startswith(("http://", "https://"))
+    name = backend or ("openai" if is_url else "hf")
+    BACKENDS.get(name)  # unknown names fail here, with did-you-mean
+    loaded = load_suite(suite, limit=limit)  # every data/template check before any model work
+    if name == "openai":
+        if not is_url:
+            raise EvomergeError(f"backend 'openai' needs a URL (http://host:port/v1), got {target!r}")
+        engine = build_backend("openai", base_url=target, model=model, api_key_env=api_key_env)
+    elif is_url:
+        raise EvomergeError(f"backend {name!r} needs a model dir; for a URL use --backend openai")
+    elif name == "hf":
+        engine = build_backend("hf", model=target, device=device, batch_size=batch_size)
+    else:
+        engine = build_backend(name, model=target, device=device)
+    result = evaluate(loaded, engine)
+
+    table = Table(title=f"{suite} on {target} ({name})")
+    for column in ("task", "type", "n", "weight", "metrics", "score", "seconds"):
+        table.add_column(column, justify="left" if column in ("task", "type", "metrics") else "right")
+    for task in result.tasks.values():
+        metrics = ", ".join(f"{key} {value:.4f}" for key, value in task.metrics.items())
+        table.add_row(task.task, task.output_type, str(task.n), f"{task.weight:g}", metrics,
+                      f"{task.score:.4f}", f"{task.seconds:.2f}")
+    table.add_row("[bold]suite[/]", "", "", "", "", f"[bold]{result.scalar:.4f}[/]", f"{result.seconds:.2f}")
+    Console().print(table)
+    console.print("scores are higher-is-better; a loss task scores -(mean cross-entropy per token)")
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"target": target, "suite": str(suite), **result.to_dict()}
+        output.write_text(json.dumps(payload, indent=2) + "\n")
+        console.print(f"wrote {output}")
 # END eval command
 
 
