@@ -31,7 +31,7 @@ import jinja2.meta
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from evomerge.errors import ConfigError, EvomergeError
+from evomerge.errors import ConfigError
 
 OutputType = Literal["loss", "generate_until", "multiple_choice"]
 MetricName = Literal["loss", "exact_match", "regex", "contains", "acc", "acc_norm"]
@@ -162,7 +162,7 @@ def _pydantic_line(error: ValidationError) -> str:
 def read_jsonl(path: Path) -> list[dict]:
     """Read a JSONL file; a bad line is one error naming file:line."""
     if not path.is_file():
-        raise EvomergeError(f"data file {path} does not exist")
+        raise ConfigError(f"data file {path} does not exist")
     records = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
@@ -171,12 +171,12 @@ def read_jsonl(path: Path) -> list[dict]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise EvomergeError(f"{path}:{number}: not valid JSON ({error.msg}, column {error.colno})")
+                raise ConfigError(f"{path}:{number}: not valid JSON ({error.msg}, column {error.colno})")
             if not isinstance(record, dict):
-                raise EvomergeError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+                raise ConfigError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
             records.append(record)
     if not records:
-        raise EvomergeError(f"data file {path} has no records")
+        raise ConfigError(f"data file {path} has no records")
     return records
 
 
@@ -217,6 +217,8 @@ def suite_from_dict(
     base_dir = Path(base_dir)
     for task in suite.tasks:
         data_path = base_dir / task.dataset_path
+        if not data_path.is_file():
+            raise ConfigError(f"task {task.task!r}: dataset_path {data_path} does not exist")
         docs = read_jsonl(data_path)
         _check_templates(task, docs, data_path)
         suite._docs[task.task] = docs
