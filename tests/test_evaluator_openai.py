@@ -1,0 +1,268 @@
+"""The openai backend against servers: a small OpenAI-compatible server (stdlib, answers echo +
+logprobs the way vLLM does, computed by the same transformers model) for the loss path, retries
+and errors, and a real `transformers serve` for generation agreement.
+
+`transformers serve` ignores echo and logprobs (it says so in its log), so the loss path cannot be
+checked against it; the test checks that `check()` says so in one line before any work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from evomerge.backends.hf import HFBackend
+from evomerge.backends.openai_api import OpenAIBackend
+from evomerge.errors import EvomergeError
+from evomerge.evaluator import evaluate, load_suite
+from tests.test_evaluator import model_dir  # noqa: F401 - the shared session fixture
+from tests.test_evaluator_zoo import make_records, write_jsonl
+
+torch.set_num_threads(1)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class EchoServer:
+    """/v1/models and /v1/completions (echo + logprobs, greedy generation) over a local model."""
+
+    def __init__(self, model_dir: Path, api_key: str | None = None, echo: bool = True):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.api_key, self.echo = api_key, echo
+        self.failures: list[int] = []  # statuses to answer before succeeding (429, 503, ...)
+        self.delays: list[float] = []  # seconds to sleep before answering
+        self.requests = 0
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def reply(self, status, payload, headers=()):
+                body = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                for key, value in headers:
+                    self.send_header(key, value)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def authorized(self):
+                if server.api_key and self.headers.get("authorization") != f"Bearer {server.api_key}":
+                    self.reply(401, {"error": {"message": "Incorrect API key", "type": "invalid_request_error"}})
+                    return False
+                return True
+
+            def do_GET(self):
+                if self.authorized():
+                    self.reply(200, {"object": "list", "data": [{"id": "tiny", "object": "model",
+                                                                 "created": 0, "owned_by": "test"}]})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                with server.lock:
+                    server.requests += 1
+                    status = server.failures.pop(0) if server.failures else 200
+                    delay = server.delays.pop(0) if server.delays else 0.0
+                time.sleep(delay)
+                if not self.authorized():
+                    return
+                if status != 200:
+                    self.reply(status, {"error": {"message": "try again"}}, [("retry-after-ms", "5")])
+                    return
+                self.reply(200, server.complete(body))
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    @torch.no_grad()
+    def complete(self, body: dict) -> dict:
+        prompt = body["prompt"]
+        encoded = self.tokenizer(prompt, return_offsets_mapping=True)
+        ids = list(encoded["input_ids"])
+        offsets = [start for start, _ in encoded["offset_mapping"]]
+        with self.lock:
+            generated = []
+            for _ in range(int(body.get("max_tokens") or 16)):
+                logits = self.model(torch.tensor([ids + generated])).logits[0]
+                generated.append(int(logits[-1].argmax()))
+                text = self.tokenizer.decode(generated, skip_special_tokens=True)
+                if any(s in text for s in body.get("stop") or []):
+                    break
+            logprobs = self.model(torch.tensor([ids + generated])).logits[0].log_softmax(-1)
+        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        choice = {"index": 0, "text": text, "finish_reason": "length", "logprobs": None}
+        if self.echo and body.get("echo") and body.get("logprobs") is not None:
+            all_ids = ids + generated
+            tokens = self.tokenizer.convert_ids_to_tokens(all_ids)
+            token_logprobs = [None] + [float(logprobs[i - 1, t]) for i, t in enumerate(all_ids) if i > 0]
+            top = [None] + [{tokens[i]: float(logprobs[i - 1].max())} if int(logprobs[i - 1].argmax()) == t
+                            else {"<other>": float(logprobs[i - 1].max())} for i, t in enumerate(all_ids) if i > 0]
+            offsets = offsets + [len(prompt)] * len(generated)
+            choice = {**choice, "text": prompt + text, "logprobs": {
+                "tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}}
+        return {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": body["model"],
+                "choices": [choice], "usage": {"prompt_tokens": len(ids), "completion_tokens": len(generated),
+                                               "total_tokens": len(ids) + len(generated)}}
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def echo_server(model_dir):  # noqa: F811
+    server = EchoServer(model_dir)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def suites(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("suites")
+    write_jsonl(root / "data.jsonl", make_records(8, seed=11))
+    text = {"dataset_path": "data.jsonl", "doc_to_text": "Q: {{ question }}\nA:", "doc_to_target": "answer"}
+    specs = {
+        "loss": [{"task": "loss", "output_type": "loss", **text},
+                 {"task": "mc", "output_type": "multiple_choice", "doc_to_choice": "{{ [answer, '3', '12'] }}",
+                  "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}], **text}],
+        "generate": [{"task": "gen", "output_type": "generate_until", **text,
+                      "generation_kwargs": {"until": ["\n"], "max_gen_toks": 6}}],
+    }
+    out = {}
+    for name, tasks in specs.items():
+        (root / f"{name}.yaml").write_text(yaml.safe_dump({"seed": 3, "tasks": tasks}))
+        out[name] = load_suite(root / f"{name}.yaml")
+    return out
+
+
+def test_loss_and_choice_agree_with_hf(model_dir, echo_server, suites):  # noqa: F811
+    hf = evaluate(suites["loss"], HFBackend(model_dir, batch_size=3, num_threads=1), keep_samples=True)
+    api = evaluate(suites["loss"], OpenAIBackend(echo_server.url, concurrency=4), keep_samples=True)
+    assert api.scores["loss"] == pytest.approx(hf.scores["loss"], rel=1e-4)
+    for a, b in zip(api.tasks["loss"].samples, hf.tasks["loss"].samples):
+        assert a["tokens"] == b["tokens"] and a["greedy"] == b["greedy"]
+        assert a["logprob"] == pytest.approx(b["logprob"], rel=1e-4, abs=1e-5)
+    assert api.tasks["mc"].metrics == hf.tasks["mc"].metrics
+
+
+def test_generation_agrees_with_hf(model_dir, echo_server, suites):  # noqa: F811
+    hf = evaluate(suites["generate"], HFBackend(model_dir, batch_size=3, num_threads=1), keep_samples=True)
+    api = evaluate(suites["generate"], OpenAIBackend(echo_server.url), keep_samples=True)
+    assert [s["generation"] for s in api.tasks["gen"].samples] == [s["generation"] for s in hf.tasks["gen"].samples]
+
+
+def test_retries_429_5xx_and_timeouts(echo_server):
+    backend = OpenAIBackend(echo_server.url, max_retries=4, timeout=1.0, concurrency=1)
+    echo_server.failures[:] = [429, 503, 500]
+    echo_server.delays[:] = [0, 0, 0, 2.0]  # the 4th attempt times out, the 5th succeeds
+    before = echo_server.requests
+    assert backend.generate_until([("Q: hi\nA:", {"until": ["\n"], "max_gen_toks": 2})])
+    assert echo_server.requests - before == 5
+    echo_server.failures[:] = [503] * 3
+    with pytest.raises(EvomergeError) as exc_info:
+        OpenAIBackend(echo_server.url, max_retries=1).generate_until([("x", {"max_gen_toks": 1})])
+    assert "answered 503" in str(exc_info.value) and "\n" not in str(exc_info.value)
+    echo_server.failures.clear()
+
+
+def test_preflight_errors_are_one_line(model_dir, monkeypatch):  # noqa: F811
+    server = EchoServer(model_dir, api_key="right-key")
+    try:
+        monkeypatch.setenv("EVOMERGE_TEST_KEY", "wrong-key-123")
+        with pytest.raises(EvomergeError) as exc_info:
+            OpenAIBackend(server.url, api_key_env="EVOMERGE_TEST_KEY")
+        message = str(exc_info.value)
+        assert "EVOMERGE_TEST_KEY" in message and "401" in message
+        assert "wrong-key-123" not in message and "\n" not in message
+        monkeypatch.setenv("EVOMERGE_TEST_KEY", "right-key")
+        backend = OpenAIBackend(server.url, api_key_env="EVOMERGE_TEST_KEY")
+        assert backend.model == "tiny"
+        with pytest.raises(EvomergeError, match="did you mean 'tiny'"):
+            OpenAIBackend(server.url, model="tiyn", api_key_env="EVOMERGE_TEST_KEY")
+    finally:
+        server.close()
+    with pytest.raises(EvomergeError) as exc_info:
+        OpenAIBackend(f"http://127.0.0.1:{free_port()}")
+    assert "cannot reach endpoint" in str(exc_info.value) and "\n" not in str(exc_info.value)
+
+
+def test_server_without_echo_is_caught_before_work(model_dir, suites):  # noqa: F811
+    server = EchoServer(model_dir, echo=False)
+    try:
+        with pytest.raises(EvomergeError, match="no prompt logprobs"):
+            evaluate(suites["loss"], OpenAIBackend(server.url))
+    finally:
+        server.close()
+
+
+# ---- a real server: transformers serve ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def transformers_serve(model_dir, tmp_path_factory):  # noqa: F811
+    from transformers.utils.import_utils import is_serve_available
+
+    if not is_serve_available():
+        pytest.skip("`transformers serve` needs fastapi + uvicorn: pip install 'transformers[serving]'")
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "warning"}
+    command = [sys.executable, "-c", "import sys; from transformers.cli.transformers import main; sys.exit(main())",
+               "serve", str(model_dir), "--port", str(port), "--host", "127.0.0.1", "--device", "cpu",
+               "--dtype", "float32"]
+    with log.open("w") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"transformers serve exited ({process.returncode}):\n{log.read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            if time.time() > deadline:
+                process.terminate()
+                pytest.fail(f"transformers serve did not answer in 120 s:\n{log.read_text()[-2000:]}")
+            time.sleep(0.5)
+    yield url
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.mark.slow
+def test_generation_agrees_with_transformers_serve(model_dir, transformers_serve, suites):  # noqa: F811
+    api = OpenAIBackend(transformers_serve, concurrency=2)  # model: the one it lists
+    hf = evaluate(suites["generate"], HFBackend(model_dir, batch_size=4, num_threads=1), keep_samples=True)
+    served = evaluate(suites["generate"], api, keep_samples=True)
+    assert [s["generation"] for s in served.tasks["gen"].samples] == [s["generation"] for s in hf.tasks["gen"].samples]
+    assert served.scores == hf.scores
+    # it ignores echo + logprobs: the loss path is refused up front, in one line
+    with pytest.raises(EvomergeError, match="no prompt logprobs"):
+        evaluate(suites["loss"], api)
