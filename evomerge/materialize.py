@@ -14,6 +14,8 @@ import os
 import shutil
 import tempfile
 import zlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -30,6 +32,11 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
 SHARD_BYTES = 2 * 1024**3
+# Tensors merged at once by iter_merged: most merge ops (topk above all) run on one core per
+# tensor, so two tensors in flight keep two cores busy; memory grows with this, not the pool.
+MERGE_THREADS = min(2, os.cpu_count() or 1)
+# Methods whose merge is a*base + sum_t c_t tau_t: the resident merger does them in one pass.
+LINEAR_IN_DELTAS = ("linear", "task_arithmetic")
 
 
 def resolve_dtype(name: str | None, default: torch.dtype) -> torch.dtype:
@@ -83,7 +90,8 @@ class TensorSource:
         if entry.kind == "lora":
             factors = self.factors(expert, name)
             return None if factors is None else factors.scaling * (factors.B @ factors.A)
-        return entry.files.get(name).to(self.device, torch.float32) - base
+        # one kernel: the expert's stored dtype is promoted to float32 by the subtraction
+        return torch.sub(entry.files.get(name).to(self.device), base)
 
     def factors(self, expert: str, name: str) -> LoraFactors | None:
         found = self.pool.lora_factors(expert, name)
@@ -138,19 +146,56 @@ def lowrank_lora(used: list[tuple[LoraFactors, float, float]]) -> tuple[torch.Te
 
 
 def iter_merged(recipe: Recipe, pool: Pool, device: str = "cpu",
-                on_tensor: Callable[[str], None] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, float32 tensor) for every base tensor; untouched tensors are the base's."""
+                on_tensor: Callable[[str], None] | None = None,
+                threads: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, float32 tensor) for every base tensor, in the base's order; untouched tensors
+    are the base's. Up to `threads` tensors are merged at once (default MERGE_THREADS on CPU)."""
     check_recipe(recipe, pool)
     source = TensorSource(pool, device)
-    for name in pool.tensor_names():
-        merged = merge_tensor(recipe, name, source)
-        if merged is None:
-            merged = source.base(name)
-        elif not torch.isfinite(merged).all():
+    threads = threads or (MERGE_THREADS if source.device.type == "cpu" else 1)
+
+    def merged(name: str) -> torch.Tensor:
+        tensor = merge_tensor(recipe, name, source)
+        if tensor is None:
+            return source.base(name)
+        if not _all_finite(tensor):
             raise EvomergeError(f"merged tensor {name} holds NaN/Inf (recipe {recipe.id})")
-        if on_tensor:
-            on_tensor(name)
-        yield name, merged
+        return tensor
+
+    names = pool.tensor_names()
+    if threads <= 1:
+        for name in names:
+            tensor = merged(name)
+            if on_tensor:
+                on_tensor(name)
+            yield name, tensor
+        return
+    pool_ = ThreadPoolExecutor(threads, thread_name_prefix="evomerge-merge")
+    pending: deque = deque()
+    try:
+        for name in names:  # keep `threads` tensors in flight, hand them out in order
+            pending.append((name, pool_.submit(merged, name)))
+            if len(pending) >= threads:
+                done_name, future = pending.popleft()
+                tensor = future.result()
+                if on_tensor:
+                    on_tensor(done_name)
+                yield done_name, tensor
+        while pending:
+            done_name, future = pending.popleft()
+            tensor = future.result()
+            if on_tensor:
+                on_tensor(done_name)
+            yield done_name, tensor
+    finally:
+        pool_.shutdown(wait=True, cancel_futures=True)
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN/Inf: a sum (one read, no mask) is finite when every entry is; check exactly if not."""
+    if not tensor.is_floating_point():
+        return True
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def merge_state_dict(recipe: Recipe, pool: Pool, device: str = "cpu", dtype: str | None = None) -> dict[str, torch.Tensor]:
@@ -268,25 +313,34 @@ def write_adapter_dir(recipe: Recipe, pool: Pool, out: Path, device: str = "cpu"
 
 
 class ResidentSource(TensorSource):
-    """The pool's base tensors and task vectors (or LoRA factors) held on the device once."""
+    """The pool's base tensors and task vectors (or LoRA factors) held on the device once.
+
+    The full experts' task vectors of one tensor are stacked into one (experts, numel) float32
+    tensor, so a merge linear in the task vectors is one matrix-vector product over it.
+    """
 
     def __init__(self, pool: Pool, device: str):
         super().__init__(pool, device)
         disk = TensorSource(pool, device)
+        self.full = [expert for expert, entry in pool.experts.items() if entry.kind == "full"]
         self._base: dict[str, torch.Tensor] = {}
+        self._stacked: dict[str, torch.Tensor] = {}
         self._deltas: dict[tuple[str, str], torch.Tensor] = {}
         self._factors: dict[tuple[str, str], LoraFactors] = {}
         for name in pool.tensor_names():
             if not pool.touched(name):
                 continue
-            self._base[name] = disk.base(name)
+            base = self._base[name] = disk.base(name)
+            if self.full:
+                stacked = self._stacked[name] = torch.empty((len(self.full), *base.shape), device=self.device)
+                for i, expert in enumerate(self.full):
+                    torch.sub(pool.experts[expert].files.get(name).to(self.device), base, out=stacked[i])
+                    self._deltas[(expert, name)] = stacked[i]
             for expert, entry in pool.experts.items():
                 if entry.kind == "lora":
                     found = disk.factors(expert, name)
                     if found is not None:
                         self._factors[(expert, name)] = found
-                else:
-                    self._deltas[(expert, name)] = disk.delta(expert, name, self._base[name])
 
     def base(self, name: str) -> torch.Tensor:
         return self._base[name]
@@ -300,10 +354,69 @@ class ResidentSource(TensorSource):
     def factors(self, expert: str, name: str) -> LoraFactors | None:
         return self._factors.get((expert, name))
 
+    def held(self) -> list[torch.Tensor]:
+        """Every resident tensor once (a delta is a view into its stack)."""
+        held = list(self._base.values()) + list(self._stacked.values())
+        return held + [t for f in self._factors.values() for t in (f.A, f.B)]
+
     def nbytes(self) -> int:
-        held = list(self._base.values()) + list(self._deltas.values())
-        held += [t for f in self._factors.values() for t in (f.A, f.B)]
-        return sum(t.nbytes for t in held)
+        return sum(t.nbytes for t in self.held())
+
+
+class _LinearPlan:
+    """A merge that is a * base + sum_t c_t tau_t for every tensor: coefficients per distinct
+    TensorPlan (validated once, by the method itself, as check_recipe does), c over the stack."""
+
+    def __init__(self, recipe: Recipe, source: ResidentSource):
+        self.recipe, self.source = recipe, source
+        self.method = get_method(recipe.method)
+        self.position = [source.full.index(expert) for expert in recipe.experts]
+        self.shared = None if recipe.overrides else self._coefficients(recipe.plan(""))
+        self._cache: dict[tuple, tuple[float, torch.Tensor]] = {}
+
+    @staticmethod
+    def applies(recipe: Recipe, source: ResidentSource) -> bool:
+        return recipe.method in LINEAR_IN_DELTAS and all(expert in source.full for expert in recipe.experts)
+
+    def coefficients(self, name: str) -> tuple[float, torch.Tensor]:
+        if self.shared is not None:
+            return self.shared
+        plan = self.recipe.plan(name)
+        key = (plan.weights, plan.densities, tuple(sorted(plan.parameters.items())))
+        if key not in self._cache:
+            self._cache[key] = self._coefficients(plan)
+        return self._cache[key]
+
+    def _coefficients(self, plan) -> tuple[float, torch.Tensor]:
+        one = torch.zeros(1)  # the method's own checks (domains, linear's zero sum) on a 1-element merge
+        self.method.merge(one, [one] * len(plan.weights), list(plan.weights), list(plan.densities),
+                          dict(plan.parameters), torch.Generator().manual_seed(0))
+        params = self.method._globals(dict(plan.parameters))
+        weights = [float(w) for w in plan.weights]
+        signed, absolute = sum(weights), sum(abs(w) for w in weights)
+        if self.recipe.method == "linear":  # sum_t w_t (base + tau_t) / divisor
+            divisor = absolute if params["normalize_abs"] else signed if params["normalize"] else 1.0
+            scale = 1.0 / divisor if divisor else float("nan")  # all-zero |w|: NaN, as 0/0 would be
+            base_scale = signed * scale
+        else:  # task_arithmetic: base + lambda * sum_t w_t tau_t / divisor
+            if params["normalize_abs"]:
+                divisor = absolute if absolute != 0 else 1.0
+            elif params["normalize"]:
+                divisor = signed if abs(signed) > 1e-8 else 1.0
+            else:
+                divisor = 1.0
+            scale, base_scale = params["lambda"] / divisor, 1.0
+        c = torch.zeros(len(self.source.full), dtype=torch.float32)
+        for position, weight in zip(self.position, weights):
+            c[position] += weight * scale
+        return base_scale, c.to(self.source.device)
+
+    def merge(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        base_scale, c = self.coefficients(name)
+        base, stacked = self.source.base(name), self.source._stacked[name]
+        flat_out = None if out is None else out.view(-1)
+        result = torch.addmv(base.view(-1), stacked.view(len(c), -1).t(), c, beta=base_scale, out=flat_out)
+        return result.view(base.shape)
 
 
 class ResidentMerger:
@@ -311,6 +424,8 @@ class ResidentMerger:
 
     `apply(recipe, model)` writes the merge into a live torch model's parameters in place, so an
     inference engine built around that model scores the new candidate without a reload.
+    Methods linear in the task vectors (linear, task_arithmetic) are one matrix-vector product
+    per tensor over the stacked task vectors, written straight into float32 parameters.
     """
 
     def __init__(self, pool: Pool, device: str = "cpu"):
@@ -319,9 +434,16 @@ class ResidentMerger:
 
     def merged(self, recipe: Recipe) -> Iterator[tuple[str, torch.Tensor]]:
         check_recipe(recipe, self.pool)
+        linear = _LinearPlan(recipe, self.source) if _LinearPlan.applies(recipe, self.source) else None
         for name in self.source._base:
-            merged = merge_tensor(recipe, name, self.source)
-            yield name, self.source.base(name) if merged is None else merged
+            yield name, self._merge_one(recipe, name, linear)
+
+    def _merge_one(self, recipe: Recipe, name: str, linear: _LinearPlan | None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        if linear is not None:
+            return linear.merge(name, out)
+        merged = merge_tensor(recipe, name, self.source)
+        return self.source.base(name) if merged is None else merged
 
     @torch.no_grad()
     def apply(self, recipe: Recipe, model: torch.nn.Module) -> None:
@@ -329,7 +451,14 @@ class ResidentMerger:
         missing = [name for name in self.source._base if name not in params]
         if missing:
             raise EvomergeError(f"the live model has no tensor {missing[0]} (is it the pool's architecture?)")
-        for name, tensor in self.merged(recipe):
-            if not torch.isfinite(tensor).all():
+        check_recipe(recipe, self.pool)
+        linear = _LinearPlan(recipe, self.source) if _LinearPlan.applies(recipe, self.source) else None
+        for name in self.source._base:
+            target = params[name].data
+            direct = (linear is not None and target.dtype == torch.float32 and target.is_contiguous()
+                      and target.device == self.source.device and target.shape == self.source._base[name].shape)
+            tensor = self._merge_one(recipe, name, linear, out=target if direct else None)
+            if not _all_finite(tensor):
                 raise EvomergeError(f"merged tensor {name} holds NaN/Inf (recipe {recipe.id})")
-            params[name].data.copy_(tensor)
+            if not direct:
+                target.copy_(tensor)
