@@ -92,6 +92,7 @@ class OpenAIBackend:
         self.top_logprobs = int(top_logprobs)
         self.seed = seed
         self.model = model
+        self._echo_checked = False
         if preflight:
             self.model = self.preflight()
 
@@ -148,8 +149,9 @@ class OpenAIBackend:
 
     def check(self, output_types: set[str]) -> None:
         """Before any work: loss / multiple_choice tasks need echo + logprobs from the server."""
-        if output_types & {"loss", "multiple_choice"}:
+        if output_types & {"loss", "multiple_choice"} and not self._echo_checked:
             self.loglikelihood([("Hello", " world")])
+            self._echo_checked = True
 
     # -- async plumbing -----------------------------------------------------------------------
 
