@@ -320,3 +320,24 @@ def test_eval_command_prints_table_and_writes_json(model_dir, data_dir):
     result = CliRunner().invoke(app, ["eval", str(model_dir), "--suite", str(bad)])
     assert result.exit_code == 2
     assert "'nope'" in result.output
+
+
+# ---- the demo zoo's suites ----------------------------------------------------------------------
+
+
+def test_zoo_suites_reproduce_the_zoo_scores(request):
+    """zoo-loss = the zoo's val_loss (answer tokens), zoo-generate-test = its greedy test_acc."""
+    try:
+        zoo = request.getfixturevalue("tiny_zoo")
+    except pytest.FixtureLookupError:
+        pytest.skip("needs the shared tiny_zoo fixture (tests/conftest.py)")
+    from evomerge.backends.hf import HFBackend
+
+    root = Path(__file__).resolve().parent.parent / "evaluators"
+    expected = json.loads((zoo / "scores.json").read_text())["scores"]["base"]
+    backend = HFBackend(zoo / "base", batch_size=64, num_threads=1)
+    loss = evaluate(load_suite(root / "zoo-loss.yaml"), backend).scores
+    accuracy = evaluate(load_suite(root / "zoo-generate-test.yaml"), backend).scores
+    for task, scores in expected.items():
+        assert -loss[task] == pytest.approx(scores["val_loss"], abs=1e-3), task
+        assert accuracy[task] == pytest.approx(scores["test_acc"], abs=1e-9), task
