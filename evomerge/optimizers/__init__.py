@@ -1,0 +1,63 @@
+"""Optimizers: one ask/tell contract (``base.Optimizer``) over pycma, nevergrad, random, grid.
+
+    opt = make_optimizer("cmaes", dim=3, lower=lo, upper=hi, x0=x0, seed=0, sigma0=0.05, popsize=20)
+    opt = make_optimizer("nevergrad", name="TwoPointsDE", budget=400, num_workers=4, **problem)
+    opt = optimizer_from_config({"type": "nevergrad", "name": "NGOpt"}, **problem)
+    opt = optimizer_from_config({"name": "cmaes", "sigma0": 0.05}, **problem)
+
+Backends are registered lazily ("module:attr"), so nevergrad is imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any, Mapping
+
+from evomerge.errors import ConfigError
+from evomerge.optimizers.base import Candidate, Optimizer
+from evomerge.registry import Registry
+
+OPTIMIZERS: Registry[type[Optimizer]] = Registry("optimizer")
+OPTIMIZERS.register("cmaes", "evomerge.optimizers.cmaes:CMAES")
+OPTIMIZERS.register("nevergrad", "evomerge.optimizers.nevergrad_opt:Nevergrad")
+OPTIMIZERS.register("random", "evomerge.optimizers.random_search:RandomSearch")
+OPTIMIZERS.register("grid", "evomerge.optimizers.grid:Grid")
+
+_PROBLEM = ("dim", "lower", "upper", "x0", "seed", "n_objectives")
+
+
+def make_optimizer(kind: str, /, **kwargs: Any) -> Optimizer:
+    """Build backend ``kind`` ("cmaes", "nevergrad", "random", "grid") with the problem
+    (dim, lower, upper, x0, seed[, n_objectives]) and the backend's options as keywords.
+    Unknown backends and unknown options are ConfigErrors with a did-you-mean."""
+    cls = OPTIMIZERS.get(kind)
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", *_PROBLEM)]
+    for key in kwargs:
+        if key not in _PROBLEM and key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f" did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"optimizer {kind!r} has no option {key!r};{hint} options: {', '.join(accepted) or 'none'}"
+            )
+    return cls(**kwargs)
+
+
+def optimizer_from_config(config: Mapping[str, Any], /, **problem: Any) -> Optimizer:
+    """From a config mapping: the backend under ``type`` (or under ``name`` when there is no
+    ``type``), the rest its options. For nevergrad, ``name`` is nevergrad's optimizer:
+    ``{"type": "nevergrad", "name": "NGOpt", "budget": 400}``."""
+    options = dict(config)
+    if "type" in options:
+        kind = options.pop("type")
+    elif "name" in options:
+        kind = options.pop("name")
+    else:
+        raise ConfigError(f"optimizer config needs `type:` (one of {', '.join(OPTIMIZERS.names())})")
+    if kind not in OPTIMIZERS and "type" not in config:
+        msg = OPTIMIZERS.unknown_message(str(kind))
+        raise ConfigError(f"{msg} (for a nevergrad optimizer write `type: nevergrad, name: {kind}`)")
+    return make_optimizer(kind, **options, **problem)
+
+
+__all__ = ["OPTIMIZERS", "Candidate", "Optimizer", "make_optimizer", "optimizer_from_config"]

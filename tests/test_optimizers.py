@@ -1,0 +1,219 @@
+"""The Optimizer contract, for every backend: determinism, exact resume, bounds, out-of-order tells."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from evomerge.errors import ConfigError
+from evomerge.optimizers import OPTIMIZERS, make_optimizer, optimizer_from_config
+
+DIM = 3
+LOWER = np.array([0.0, -1.5, -1.5])
+UPPER = np.array([1.0, 1.5, 1.5])
+X0 = np.array([1.0, 1 / 3, 1 / 3])
+TARGET = np.array([0.3, -0.7, 0.9])
+
+
+def problem(seed=7, **kw):
+    return dict(dim=DIM, lower=LOWER, upper=UPPER, x0=X0, seed=seed, **kw)
+
+
+BACKENDS = {
+    "cmaes": dict(popsize=6, sigma0=0.3),
+    "nevergrad": dict(name="TwoPointsDE", num_workers=6, budget=200),
+    "random": {},
+    "grid": dict(points=[LOWER + (UPPER - LOWER) * t for t in np.linspace(0, 1, 40)]),
+}
+
+
+def sphere(x):
+    return float(np.sum((x - TARGET) ** 2))
+
+
+def drive(opt, steps, batch=4, reverse=False, start=None):
+    """Ask ``batch``, tell in (optionally reversed) order; returns the asked (id, x) list."""
+    seen = []
+    for _ in range(steps):
+        cands = opt.ask(batch)
+        seen += [(c.id, c.x.copy()) for c in cands]
+        results = [(c.id, sphere(c.x)) for c in cands]
+        opt.tell(results[::-1] if reverse else results)
+    return seen
+
+
+def same(a, b):
+    assert [i for i, _ in a] == [i for i, _ in b]
+    for (_, xa), (_, xb) in zip(a, b):
+        np.testing.assert_array_equal(xa, xb)
+
+
+@pytest.mark.parametrize("kind", sorted(BACKENDS))
+def test_same_seed_same_proposals(kind):
+    a = drive(make_optimizer(kind, **problem(), **BACKENDS[kind]), 5)
+    b = drive(make_optimizer(kind, **problem(), **BACKENDS[kind]), 5)
+    same(a, b)
+    assert [i for i, _ in a] == list(range(len(a)))  # ids increase monotonically
+    if kind in ("cmaes", "random"):
+        c = drive(make_optimizer(kind, **problem(seed=8), **BACKENDS[kind]), 5)
+        assert not np.allclose(a[1][1], c[1][1])
+
+
+@pytest.mark.parametrize("kind", sorted(BACKENDS))
+def test_state_round_trip_mid_generation(kind):
+    """Ask part, tell part, serialize, restore into a fresh object: same future as uninterrupted."""
+
+    def run(interrupt: bool):
+        opt = make_optimizer(kind, **problem(), **BACKENDS[kind])
+        log = drive(opt, 2, batch=4)
+        cands = opt.ask(4)  # mid-generation for cmaes (popsize 6)
+        opt.tell([(cands[1].id, sphere(cands[1].x))])
+        if interrupt:
+            blob = opt.state_dict()
+            np.random.seed(123)  # other code touching the global RNG must not matter
+            np.random.rand(10)
+            opt = make_optimizer(kind, **problem(seed=99), **BACKENDS[kind])
+            opt.load_state_dict(blob)
+        assert opt.in_flight == sorted(c.id for i, c in enumerate(cands) if i != 1)
+        opt.tell([(c.id, sphere(c.x)) for i, c in enumerate(cands) if i != 1])
+        return log + drive(opt, 4, batch=3), opt
+
+    a, oa = run(False)
+    b, ob = run(True)
+    same(a, b)
+    assert oa.n_told == ob.n_told
+
+
+def test_state_of_another_backend_is_refused():
+    blob = make_optimizer("random", **problem()).state_dict()
+    with pytest.raises(ConfigError, match="RandomSearch"):
+        make_optimizer("cmaes", **problem()).load_state_dict(blob)
+
+
+@pytest.mark.parametrize("kind", sorted(BACKENDS))
+def test_bounds_respected(kind):
+    opt = make_optimizer(kind, **problem(), **BACKENDS[kind])
+    for _, x in drive(opt, 10, batch=4):
+        assert np.all(x >= LOWER) and np.all(x <= UPPER)
+
+
+def test_cmaes_generation_queue_and_out_of_order_tells():
+    opt = make_optimizer("cmaes", **problem(), popsize=5, sigma0=0.2)
+    assert opt.generational
+    first = opt.ask(3) + opt.ask(10)  # hands out the rest of the population only
+    assert [c.id for c in first] == [0, 1, 2, 3, 4]
+    assert opt.ask(1) == []  # waits for the generation's tells
+    opt.tell([(4, 1.0), (0, 2.0)])
+    opt.tell([(2, 0.5), (1, 0.1)])
+    assert opt.ask(2) == [] and opt.generation == 0
+    opt.tell([(3, 0.7)])  # the last tell of a generation makes the next one available at once
+    nxt = opt.ask(2)
+    assert opt.generation == 1 and [c.id for c in nxt] == [5, 6]
+    with pytest.raises(ValueError, match="not asked"):
+        opt.tell([(3, 0.1)])
+
+
+@pytest.mark.parametrize("kind", ["nevergrad", "random"])
+def test_out_of_order_tells_steady_state(kind):
+    opt = make_optimizer(kind, **problem(), **BACKENDS[kind])
+    assert not opt.generational
+    a = opt.ask(4)
+    opt.tell([(a[2].id, 1.0)])
+    b = opt.ask(2)
+    opt.tell([(c.id, sphere(c.x)) for c in (b[1], a[0], a[3], b[0], a[1])])
+    assert opt.in_flight == []
+    assert opt.best is not None
+
+
+def test_cmaes_converges_on_sphere():
+    opt = make_optimizer("cmaes", **problem(), sigma0=0.3, popsize=8)
+    drive(opt, 60, batch=8, reverse=True)
+    _, x, f = opt.best
+    assert f < 1e-4, (x, f)
+
+
+def test_ngopt_converges_on_sphere():
+    opt = make_optimizer("nevergrad", **problem(), name="NGOpt", budget=100)
+    drive(opt, 100, batch=4)  # num_workers=1: one candidate in flight at a time
+    assert opt.n_told == 100
+    assert opt.best[2] < 1e-3, opt.best
+
+
+def test_nevergrad_thread_based_optimizer_resumes_by_replay():
+    """NGOpt with one worker and a small budget runs Cobyla in a thread: not picklable, so the
+    state is rebuilt by replaying the journal; the future must be the same."""
+    kw = dict(name="NGOpt", budget=60, num_workers=1)
+    a = make_optimizer("nevergrad", **problem(), **kw)
+    first = drive(a, 10, batch=1)
+    b = make_optimizer("nevergrad", **problem(seed=3), **kw)
+    b.load_state_dict(a.state_dict())
+    c = make_optimizer("nevergrad", **problem(), **kw)
+    cand = c.ask(1)[0]  # also with a candidate in flight at the checkpoint
+    c.load_state_dict(a.state_dict())
+    same(drive(a, 5, batch=1), drive(b, 5, batch=1))
+    assert len(first) == 10 and cand.id == 0
+
+
+def test_nevergrad_in_flight_capped_at_num_workers():
+    opt = make_optimizer("nevergrad", **problem(), name="OnePlusOne", num_workers=2)
+    assert len(opt.ask(5)) == 2 and opt.ask(1) == []
+    opt.tell([(1, 0.5)])
+    assert [c.id for c in opt.ask(3)] == [2]
+
+
+def test_failed_candidates_rank_last():
+    opt = make_optimizer("cmaes", **problem(), popsize=4)
+    c = opt.ask(4)
+    opt.tell([(c[0].id, float("nan")), (c[1].id, float("inf")), (c[2].id, 1.0), (c[3].id, 2.0)])
+    assert opt.generation == 1 and opt.best[0] == c[2].id
+    ng_opt = make_optimizer("nevergrad", **problem(), name="OnePlusOne", num_workers=2)
+    c = ng_opt.ask(2)
+    ng_opt.tell([(c[0].id, float("nan")), (c[1].id, 3.0)])
+
+
+def test_grid_exhaustion():
+    pts = [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.5, -1.0, 1.0]]
+    opt = make_optimizer("grid", **problem(), points=pts)
+    a = opt.ask(2)
+    assert not opt.done
+    b = opt.ask(5)
+    assert [c.id for c in a + b] == [0, 1, 2] and opt.done and opt.ask(1) == []
+    np.testing.assert_array_equal(b[0].x, pts[2])
+    opt.tell([(2, 0.0), (0, 1.0), (1, 2.0)])
+    assert opt.best[0] == 2
+    with pytest.raises(ConfigError, match="outside"):
+        make_optimizer("grid", **problem(), points=[[2.0, 0.0, 0.0]])
+
+
+def test_multi_objective():
+    opt = make_optimizer("nevergrad", **problem(n_objectives=2), name="DE")
+    for _ in range(6):
+        cands = opt.ask(2)
+        opt.tell([(c.id, [float(c.x[0]), float(1 - c.x[0])]) for c in cands])
+    front = opt.pareto()
+    assert front and all(len(losses) == 2 for _, _, losses in front)
+    assert all(cid >= 0 for cid, _, _ in front)
+    # cmaes scalarizes with weights (default the mean)
+    cm = make_optimizer("cmaes", **problem(n_objectives=2), popsize=4, weights=[1.0, 0.0])
+    c = cm.ask(4)
+    cm.tell([(x.id, [float(i), 10.0 - i]) for i, x in enumerate(c)])
+    assert cm.best[0] == c[0].id and cm.best[2] == 0.0
+    with pytest.raises(ValueError, match="2 losses"):
+        cm.tell([(cm.ask(1)[0].id, 1.0)])
+
+
+def test_registry_and_config_errors():
+    assert OPTIMIZERS.names() == ["cmaes", "grid", "nevergrad", "random"]
+    with pytest.raises(ConfigError, match="did you mean 'cmaes'"):
+        make_optimizer("cmaess", **problem())
+    with pytest.raises(ConfigError, match="did you mean 'NGOpt'"):
+        make_optimizer("nevergrad", **problem(), name="NGOtp")
+    with pytest.raises(ConfigError, match="did you mean 'sigma0'"):
+        make_optimizer("cmaes", **problem(), sigm0=0.1)
+    with pytest.raises(ConfigError, match="type: nevergrad"):
+        optimizer_from_config({"name": "TwoPointsDE"}, **problem())
+    with pytest.raises(ConfigError, match="lower"):
+        make_optimizer("random", **{**problem(), "upper": LOWER})
+    opt = optimizer_from_config({"type": "nevergrad", "name": "PSO", "num_workers": 2}, **problem())
+    assert opt.ng_name == "PSO"
+    assert optimizer_from_config({"name": "cmaes", "sigma0": 0.05, "popsize": 20}, **problem()).popsize == 20
