@@ -10,6 +10,7 @@ reading the disk.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -170,23 +171,24 @@ def iter_merged(recipe: Recipe, pool: Pool, device: str = "cpu",
                 on_tensor(name)
             yield name, tensor
         return
+    # A tensor's working set is about its size times the experts, so the budget for tensors in
+    # flight is the largest tensor alone: small tensors go in pairs, the embeddings go alone, and
+    # peak memory stays that of a one-at-a-time merge.
+    sizes = {name: math.prod(pool.base.shape(name)) for name in names}
+    budget = max(sizes.values(), default=0)
     pool_ = ThreadPoolExecutor(threads, thread_name_prefix="evomerge-merge")
     pending: deque = deque()
     try:
-        for name in names:  # keep `threads` tensors in flight, hand them out in order
-            pending.append((name, pool_.submit(merged, name)))
-            if len(pending) >= threads:
+        for name in [*names, None]:
+            while pending and (name is None or len(pending) >= threads
+                               or sum(sizes[n] for n, _ in pending) + sizes[name] > budget):
                 done_name, future = pending.popleft()
                 tensor = future.result()
                 if on_tensor:
                     on_tensor(done_name)
                 yield done_name, tensor
-        while pending:
-            done_name, future = pending.popleft()
-            tensor = future.result()
-            if on_tensor:
-                on_tensor(done_name)
-            yield done_name, tensor
+            if name is not None:
+                pending.append((name, pool_.submit(merged, name)))
     finally:
         pool_.shutdown(wait=True, cancel_futures=True)
 
