@@ -87,6 +87,10 @@ class Nevergrad(Optimizer):
         self._journal: list[tuple[str, list]] = []  # ("ask", [(id, x)]) | ("tell", [(id, loss)])
         self._worst = -math.inf
         self._build()
+        from nevergrad.optimization.optimizerlib import NGOptBase
+
+        if self.budget is None and isinstance(self.opt, NGOptBase):
+            raise ConfigError(f"nevergrad {name} picks its algorithm from the budget: give `budget:` (evaluations)")
 
     def _build(self) -> None:
         param = ng.p.Array(init=self.x0.copy(), lower=self.lower.copy(), upper=self.upper.copy())
