@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from evomerge.errors import ConfigError
-from evomerge.optimizers import OPTIMIZERS, make_optimizer, optimizer_from_config
+from evomerge.optimizers import OPTIMIZERS, make_optimizer, merge_optimizer_config, optimizer_from_config
 
 DIM = 3
 LOWER = np.array([0.0, -1.5, -1.5])
@@ -171,6 +171,15 @@ def test_failed_candidates_rank_last():
     ng_opt.tell([(c[0].id, float("nan")), (c[1].id, 3.0)])
 
 
+def test_cmaes_survives_flat_generations():
+    """Equal losses (a generation of failures, a coarse metric) must not end the search."""
+    opt = make_optimizer("cmaes", **problem(), popsize=4)
+    for _ in range(5):
+        cands = opt.ask(4)
+        assert len(cands) == 4 and not opt.done
+        opt.tell([(c.id, 1.0) for c in cands])
+
+
 def test_grid_exhaustion():
     pts = [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.5, -1.0, 1.0]]
     opt = make_optimizer("grid", **problem(), points=pts)
@@ -219,3 +228,15 @@ def test_registry_and_config_errors():
     opt = optimizer_from_config({"type": "nevergrad", "name": "PSO", "num_workers": 2}, **problem())
     assert opt.ng_name == "PSO"
     assert optimizer_from_config({"name": "cmaes", "sigma0": 0.05, "popsize": 20}, **problem()).popsize == 20
+
+
+def test_merge_optimizer_config_keeps_hints_of_the_same_backend_only():
+    cma_hints = {"type": "cmaes", "sigma0": 0.05, "popsize": 20}
+    assert merge_optimizer_config(cma_hints, {}) == cma_hints
+    assert merge_optimizer_config(cma_hints, {"type": "cmaes", "popsize": 8})["popsize"] == 8
+    assert merge_optimizer_config(cma_hints, {"popsize": 8}) == {**cma_hints, "popsize": 8}
+    assert merge_optimizer_config(cma_hints, {"type": "nevergrad", "name": "PSO"}) == {"type": "nevergrad", "name": "PSO"}
+    assert merge_optimizer_config(cma_hints, {"name": "random"}) == {"name": "random"}
+    ng_hints = {"type": "nevergrad", "name": "NGOpt"}
+    assert merge_optimizer_config(ng_hints, {"name": "TwoPointsDE"}) == {"type": "nevergrad", "name": "TwoPointsDE"}
+    assert merge_optimizer_config(ng_hints, {"type": "cmaes"}) == {"type": "cmaes"}

@@ -60,4 +60,28 @@ def optimizer_from_config(config: Mapping[str, Any], /, **problem: Any) -> Optim
     return make_optimizer(kind, **options, **problem)
 
 
-__all__ = ["OPTIMIZERS", "Candidate", "Optimizer", "make_optimizer", "optimizer_from_config"]
+def backend_of(config: Mapping[str, Any]) -> str | None:
+    """The backend a config names (``type``, else ``name`` when that is a backend), or None."""
+    if "type" in config:
+        return str(config["type"])
+    name = config.get("name")
+    return str(name) if name in OPTIMIZERS else None
+
+
+def merge_optimizer_config(hints: Mapping[str, Any], user: Mapping[str, Any]) -> dict[str, Any]:
+    """A search space's optimizer hints under the user's optimizer config: the hints' options
+    (sigma0, popsize, nevergrad's name...) apply only when the user names no backend or the
+    hints' backend; a user who picks another backend gets only their own options."""
+    user_kind, hint_kind = backend_of(user), backend_of(hints)
+    if user_kind is None or user_kind == hint_kind:
+        merged = {**hints, **user}
+        if "type" not in merged and hint_kind is not None and "name" in user and user_kind is None:
+            merged["type"] = hint_kind  # {name: NGOpt} under nevergrad hints is nevergrad's name
+        return merged
+    return dict(user)
+
+
+__all__ = [
+    "OPTIMIZERS", "Candidate", "Optimizer", "backend_of", "make_optimizer", "merge_optimizer_config",
+    "optimizer_from_config",
+]

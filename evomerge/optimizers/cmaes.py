@@ -56,6 +56,11 @@ class CMAES(Optimizer):
             "seed": float("nan"),  # pycma: "do nothing"; we seed self._rng
             "randn": _GlobalRandn(),
             "verbose": -9,
+            # pycma stops after one generation of equal losses (tolfun, tolflatfitness); coarse
+            # metrics (exact match on a few examples) or a generation of failures make that
+            # common, and a search ends on its budget anyway: stop on x-convergence (tolx) only
+            "tolfun": 0.0,
+            "tolflatfitness": 10,
         }
         if popsize is not None:
             if int(popsize) < 2:
