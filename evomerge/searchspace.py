@@ -174,12 +174,13 @@ class SearchSpace:
 
     # ---- genome <-> Recipe ----------------------------------------------------------------------
     def to_recipe(self, x: np.ndarray, seed: int | None = None):
-        """The Recipe of genome ``x`` (searched genes in ``names()`` order)."""
+        """The Recipe of genome ``x`` (searched genes in ``names()`` order, clipped to the bounds)."""
         from evomerge.recipe import ExpertOverride, ExpertParams, Override, Recipe
 
         x = np.asarray(x, dtype=float).reshape(-1)
         if x.shape != (self.dim,):
             raise ValueError(f"genome has {x.size} values, the space has {self.dim} genes")
+        x = np.clip(x, self.lower, self.upper)  # rounding noise from a log or an optimizer
         values = dict(self.fixed)
         values.update({g.name: float(v) for g, v in zip(self.searched, x)})
         decoded = {g.name: g.decode(values[g.name]) for g in self.genes}

@@ -219,6 +219,8 @@ def test_registry_and_config_errors():
         make_optimizer("nevergrad", **problem(), name="NGOtp")
     with pytest.raises(ConfigError, match="did you mean 'sigma0'"):
         make_optimizer("cmaes", **problem(), sigm0=0.1)
+    with pytest.raises(ConfigError, match="did you mean 'tolx'"):
+        make_optimizer("cmaes", **problem(), cma_options={"tolxx": 1e-3})
     with pytest.raises(ConfigError, match="give `budget:`"):
         make_optimizer("nevergrad", **problem(), name="NGOpt")
     with pytest.raises(ConfigError, match="type: nevergrad"):

@@ -162,3 +162,26 @@ def test_bad_space_configs():
         load_space({"method": "tie", "genes": {}}, experts=EXPERTS)
     with pytest.raises(ConfigError, match="searches no gene"):
         load_space({"method": "ties", "genes": {"density": 0.5}}, experts=EXPERTS)
+
+
+def test_two_stage_search_with_cmaes():
+    """The loop the search runs: stage 1, best recipe, stage 2 with it fixed."""
+    space = load_space("evo-merging", experts=EXPERTS)
+    target_density, target_weight = np.array([0.3, 0.8, 0.5]), np.array([0.9, -0.6, 0.2])
+
+    def objective(recipe):
+        d = np.array([recipe.experts[e].density for e in EXPERTS])
+        w = np.array([recipe.experts[e].weight for e in EXPERTS])
+        return float(np.sum((d - target_density) ** 2) + np.sum((w - target_weight) ** 2))
+
+    best = None
+    for i in range(space.n_stages):
+        stage = space.stage(i, fixed_from=best)
+        opt = optimizer_from_config({**stage.optimizer_hints, "sigma0": 0.2, "popsize": 8}, dim=stage.dim,
+                                    lower=stage.lower, upper=stage.upper, x0=stage.x0, seed=i)
+        for _ in range(40):
+            cands = opt.ask(8)
+            opt.tell([(c.id, objective(stage.to_recipe(c.x)) + stage.penalty(c.x)) for c in cands])
+        best = stage.to_recipe(opt.best[1])
+    np.testing.assert_allclose([best.experts[e].density for e in EXPERTS], target_density, atol=0.05)
+    np.testing.assert_allclose([best.experts[e].weight for e in EXPERTS], target_weight, atol=0.05)

@@ -18,6 +18,7 @@ Multi-objective: scalarized by ``weights`` (default the mean). Non-finite losses
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, Sequence
 
 import cma
@@ -66,13 +67,15 @@ class CMAES(Optimizer):
             if int(popsize) < 2:
                 raise ConfigError(f"optimizer 'cmaes': popsize must be >= 2, got {popsize}")
             opts["popsize"] = int(popsize)
+        for key in cma_options or {}:
+            if key not in cma.CMAOptions():
+                close = difflib.get_close_matches(key, list(cma.CMAOptions()), n=1)
+                hint = f" did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"optimizer 'cmaes': cma_options.{key} is not a pycma option;{hint} see cma.CMAOptions()")
         opts.update(cma_options or {})
         self._rng = GlobalNumpyRNG(self.seed)
         with self._rng:
-            try:
-                self.es = cma.CMAEvolutionStrategy(self.x0.tolist(), self.sigma0, opts)
-            except ValueError as e:  # pycma rejects unknown option names this way
-                raise ConfigError(f"optimizer 'cmaes': {e}") from None
+            self.es = cma.CMAEvolutionStrategy(self.x0.tolist(), self.sigma0, opts)
         self.popsize = int(self.es.popsize)
         self.generation = 0
         self._population: list[tuple[int, np.ndarray]] = []  # (id, x as pycma returned it)
