@@ -4,8 +4,10 @@
 calls (`param.data.copy_(...)`, or `backend.update_weights(named_tensors)`); scoring again reuses
 the cached tokenization and padded batches of the suite, so a re-score runs only forward passes.
 
-    backend = HFBackend("zoo/base", device="cpu", batch_size=16)
+    backend = HFBackend("zoo/base", device="cpu", batch_size=16)   # or build_backend("hf", model=...)
     backend.model            # torch.nn.Module, update it in place
+    backend.update_weights(state_dict.items())                       # same, by name
+    HFBackend(live_model, tokenizer)                                 # around a model you hold
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ class HFBackend:
         model: Any,
         tokenizer: Any = None,
         *,
-        device: str = "cpu",
+        device: Optional[str] = None,
         dtype: Any = None,
         batch_size: int = 16,
         max_length: Optional[int] = None,
@@ -79,6 +81,8 @@ class HFBackend:
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if device is None:  # a live module stays where it is; a model dir loads on CPU
+            device = "cpu" if isinstance(model, (str, Path)) else str(next(model.parameters()).device)
         self.device = _resolve_device(device)
         if num_threads:  # torch's CPU threads are process-wide; 1 is fastest on a busy machine
             torch.set_num_threads(int(num_threads))
