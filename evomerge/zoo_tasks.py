@@ -1,0 +1,138 @@
+"""The synthetic tasks of the demo zoo: four small text tasks that one tiny model can learn in seconds.
+
+Every record is {"question": str, "answer": str}. The model reads the question exactly as written
+and must write the answer exactly as written, then a newline:
+
+    add 37+45 =        ->  " 82"      two-digit addition
+    reverse kqpd =     ->  " dpqk"    the letters in reverse order
+    upper kqpd =       ->  " KQPD"    the letters in upper case
+    next kqpd =        ->  " lrqe"    each letter replaced by the next one (z -> a)
+
+The question ends in " =" and the answer starts with a space, so that question + answer is the
+full line (the training text is question + answer + "\\n" + eos). The tokenizer of the zoo is
+character-level: the boundary between question and answer is always a token boundary.
+
+The validation and test splits are fixed (seed DATA_SEED, N_EVAL records each) and committed under
+evaluators/data/<task>/{validation,test}.jsonl; `python -m evomerge.zoo_tasks evaluators/data`
+writes them again and `--check` compares. Training records come from `train_records`, which never
+yields a question of those splits.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+DATA_SEED = 20250101
+N_EVAL = 200
+WORD_LENGTHS = (4, 4)  # letters per word (min, max): a fixed length keeps the letter tasks quick to learn
+SPLITS = ("validation", "test")
+
+Record = dict[str, str]
+
+
+def _word(rng: random.Random) -> str:
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(*WORD_LENGTHS)))
+
+
+def _add(rng: random.Random) -> Record:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return {"question": f"add {a}+{b} =", "answer": f" {a + b}"}
+
+
+def _reverse(rng: random.Random) -> Record:
+    w = _word(rng)
+    return {"question": f"reverse {w} =", "answer": f" {w[::-1]}"}
+
+
+def _upper(rng: random.Random) -> Record:
+    w = _word(rng)
+    return {"question": f"upper {w} =", "answer": f" {w.upper()}"}
+
+
+_NEXT = str.maketrans(string.ascii_lowercase, string.ascii_lowercase[1:] + "a")
+
+
+def _next(rng: random.Random) -> Record:
+    w = _word(rng)
+    return {"question": f"next {w} =", "answer": f" {w.translate(_NEXT)}"}
+
+
+# name -> one random record; the order is the order of tasks everywhere (pools, scores, data).
+TASKS: dict[str, Callable[[random.Random], Record]] = {
+    "add": _add,
+    "reverse": _reverse,
+    "upper": _upper,
+    "next": _next,
+}
+
+# The base model's pre-training mix: the two slow-to-learn tasks twice as often as the others.
+PRETRAIN_MIX = ("add", "reverse", "add", "reverse", "upper", "next")
+
+# Every character a question or answer can hold (the zoo tokenizer's vocabulary, after specials).
+ALPHABET = "\n =+" + string.digits + string.ascii_lowercase + string.ascii_uppercase
+
+
+def eval_splits(task: str) -> dict[str, list[Record]]:
+    """The fixed validation and test records of `task`: distinct questions, N_EVAL per split."""
+    rng = random.Random(f"{DATA_SEED}/{task}")
+    seen: set[str] = set()
+    records: list[Record] = []
+    while len(records) < N_EVAL * len(SPLITS):
+        record = TASKS[task](rng)
+        if record["question"] not in seen:
+            seen.add(record["question"])
+            records.append(record)
+    return {split: records[i * N_EVAL : (i + 1) * N_EVAL] for i, split in enumerate(SPLITS)}
+
+
+def train_records(task: str, stream: int | str) -> Iterator[Record]:
+    """An endless stream (named by `stream`) of training records of `task`, none held out."""
+    held_out = {r["question"] for split in eval_splits(task).values() for r in split}
+    rng = random.Random(f"train/{stream}/{task}")
+    while True:
+        record = TASKS[task](rng)
+        if record["question"] not in held_out:
+            yield record
+
+
+def to_jsonl(records: list[Record]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+def write_data(root: Path) -> list[Path]:
+    """Write root/<task>/{validation,test}.jsonl for every task; returns the paths written."""
+    written = []
+    for task in TASKS:
+        for split, records in eval_splits(task).items():
+            path = Path(root) / task / f"{split}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(to_jsonl(records), encoding="utf-8")
+            written.append(path)
+    return written
+
+
+def stale_data(root: Path) -> list[Path]:
+    """The data files under root that are missing or differ from what `write_data` would write."""
+    stale = []
+    for task in TASKS:
+        for split, records in eval_splits(task).items():
+            path = Path(root) / task / f"{split}.jsonl"
+            if not path.is_file() or path.read_text(encoding="utf-8") != to_jsonl(records):
+                stale.append(path)
+    return stale
+
+
+if __name__ == "__main__":  # python -m evomerge.zoo_tasks evaluators/data [--check]
+    args = sys.argv[1:]
+    target = Path(next((a for a in args if not a.startswith("-")), "evaluators/data"))
+    if "--check" in args:
+        bad = stale_data(target)
+        print("\n".join(f"stale: {p}" for p in bad) or f"{target}: up to date")
+        sys.exit(1 if bad else 0)
+    for p in write_data(target):
+        print(p)
