@@ -45,7 +45,7 @@ def task(name="t", **overrides) -> dict:
         "task": name,
         "dataset_path": "data.jsonl",
         "output_type": "loss",
-        "doc_to_text": "Q: {{ question }}\nA:",
+        "doc_to_text": "{{ question }} =",
         "doc_to_target": "answer",
         **overrides,
     }
@@ -195,7 +195,7 @@ def test_limit_and_fewshot_are_seeded(tmp_path):
     indices, prompts = first
     docs = make_records(30, seed=1)
     for index, prompt in zip(indices, prompts):
-        assert prompt.count("Q: ") == 3 and prompt.endswith(f"Q: {docs[index]['question']}\nA:")
+        assert prompt.count(" =") == 3 and prompt.endswith(f"{docs[index]['question']} =")
         # the doc itself is never its own example
         assert prompt.count(docs[index]["question"]) == 1 or docs.count(docs[index]) > 1
 
@@ -227,7 +227,7 @@ def test_hf_tokenizes_the_lm_eval_way(hf_backend):
 
 
 def test_hf_batched_loglikelihood_matches_reference(hf_backend):
-    requests = [(f"Q: {r['question']}\nA:", " " + r["answer"]) for r in make_records(7, seed=5)]
+    requests = [(f"{r['question']} =", " " + r["answer"]) for r in make_records(7, seed=5)]
     requests.append(("short", " and a much longer continuation than the others"))
     got = hf_backend.loglikelihood(requests)
     for request, (logprob, n, greedy) in zip(requests, got):
@@ -237,7 +237,7 @@ def test_hf_batched_loglikelihood_matches_reference(hf_backend):
 
 
 def test_hf_batched_generation_matches_one_by_one(hf_backend):
-    requests = [(f"Q: {r['question']}\nA:", {"until": ["\n"], "max_gen_toks": 6}) for r in make_records(5, 6)]
+    requests = [(f"{r['question']} =", {"until": ["\n"], "max_gen_toks": 6}) for r in make_records(5, 6)]
     requests.append(("x", {"until": [], "max_gen_toks": 3}))
     batched = hf_backend.generate_until(requests)
     single = [hf_backend.generate_until([r])[0] for r in requests]

@@ -143,7 +143,7 @@ def echo_server(model_dir):  # noqa: F811
 def suites(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("suites")
     write_jsonl(root / "data.jsonl", make_records(8, seed=11))
-    text = {"dataset_path": "data.jsonl", "doc_to_text": "Q: {{ question }}\nA:", "doc_to_target": "answer"}
+    text = {"dataset_path": "data.jsonl", "doc_to_text": "{{ question }} =", "doc_to_target": "answer"}
     specs = {
         "loss": [{"task": "loss", "output_type": "loss", **text},
                  {"task": "mc", "output_type": "multiple_choice", "doc_to_choice": "{{ [answer, '3', '12'] }}",
@@ -179,7 +179,7 @@ def test_retries_429_5xx_and_timeouts(echo_server):
     echo_server.failures[:] = [429, 503, 500]
     echo_server.delays[:] = [0, 0, 0, 2.0]  # the 4th attempt times out, the 5th succeeds
     before = echo_server.requests
-    assert backend.generate_until([("Q: hi\nA:", {"until": ["\n"], "max_gen_toks": 2})])
+    assert backend.generate_until([("hi =", {"until": ["\n"], "max_gen_toks": 2})])
     assert echo_server.requests - before == 5
     echo_server.failures[:] = [503] * 3
     with pytest.raises(EvomergeError) as exc_info:

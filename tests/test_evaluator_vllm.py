@@ -109,7 +109,7 @@ class FakeLLM:
 @pytest.fixture
 def suite(tmp_path):
     write_jsonl(tmp_path / "data.jsonl", make_records(6, seed=21))
-    text = {"dataset_path": "data.jsonl", "doc_to_text": "Q: {{ question }}\nA:", "doc_to_target": "answer"}
+    text = {"dataset_path": "data.jsonl", "doc_to_text": "{{ question }} =", "doc_to_target": "answer"}
     tasks = [{"task": "loss", "output_type": "loss", **text},
              {"task": "mc", "output_type": "multiple_choice", "doc_to_choice": "{{ [answer, '7'] }}", **text},
              {"task": "gen", "output_type": "generate_until", **text,

@@ -1,5 +1,6 @@
 """Helpers for the evaluator tests: a tiny random Llama + a real `tokenizers` tokenizer on disk,
-and small JSONL tasks. (Used until/unless the shared `tiny_zoo` fixture is available.)"""
+and small JSONL tasks. (Used until/unless the shared `tiny_zoo` fixture is available; texts use
+only the zoo tokenizer's characters: letters, digits, space, newline, "=", "+".)"""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ def make_records(n: int, seed: int = 0) -> list[dict]:
     records = []
     for _ in range(n):
         a, b = rng.randint(0, 9), rng.randint(0, 9)
-        records.append({"question": f"what is {WORDS[a]} plus {WORDS[b]}?", "answer": str(a + b)})
+        records.append({"question": f"what is {WORDS[a]} plus {WORDS[b]}", "answer": str(a + b)})
     return records
 
 
