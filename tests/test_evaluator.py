@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -12,18 +13,15 @@ import yaml
 
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.evaluator import cut_at_stop, evaluate, extract_regex, load_suite, suite_from_dict
-from tests.test_evaluator_zoo import build_tiny_model, make_records, write_jsonl
+from tests.test_evaluator_zoo import make_records, write_jsonl
 
 torch.set_num_threads(1)  # tiny models: one thread is much faster on a shared machine
 
 
 @pytest.fixture(scope="session")
-def model_dir(tmp_path_factory, request) -> Path:
-    """The shared demo zoo's base model when it exists, else a tiny random Llama of our own."""
-    try:
-        return request.getfixturevalue("tiny_zoo") / "base"
-    except pytest.FixtureLookupError:
-        return build_tiny_model(tmp_path_factory.mktemp("evaluator") / "base")
+def model_dir(tiny_zoo) -> Path:
+    """The demo zoo's base model (a tiny Llama with a character-level tokenizer that adds <s>)."""
+    return tiny_zoo / "base"
 
 
 @pytest.fixture(scope="session")
@@ -288,9 +286,13 @@ def test_hf_rescores_in_place_weight_swap_without_reloading(model_dir, tmp_path,
 def test_hf_chat_template_and_bad_inputs(hf_backend, model_dir):
     from evomerge.backends.hf import HFBackend
 
-    if getattr(hf_backend.tokenizer, "chat_template", None):
-        rendered = hf_backend.apply_chat_template("hi")
-        assert "hi" in rendered and not rendered.startswith(hf_backend.tokenizer.bos_token)
+    tokenizer = copy.deepcopy(hf_backend.tokenizer)
+    tokenizer.chat_template = "{% for m in messages %}<s>{{ m['content'] }}\n{% endfor %}"
+    chat = HFBackend(hf_backend.model, tokenizer)
+    assert chat.model is hf_backend.model
+    assert chat.apply_chat_template("add 1+2 =") == "add 1+2 =\n"  # <s> comes back at encoding
+    with pytest.raises(EvomergeError, match="no chat template"):
+        hf_backend.apply_chat_template("hi")
     with pytest.raises(EvomergeError, match="no config.json"):
         HFBackend(model_dir.parent / "nope")
     if not torch.cuda.is_available():
@@ -325,12 +327,9 @@ def test_eval_command_prints_table_and_writes_json(model_dir, data_dir):
 # ---- the demo zoo's suites ----------------------------------------------------------------------
 
 
-def test_zoo_suites_reproduce_the_zoo_scores(request):
+def test_zoo_suites_reproduce_the_zoo_scores(tiny_zoo):
     """zoo-loss = the zoo's val_loss (answer tokens), zoo-generate-test = its greedy test_acc."""
-    try:
-        zoo = request.getfixturevalue("tiny_zoo")
-    except pytest.FixtureLookupError:
-        pytest.skip("needs the shared tiny_zoo fixture (tests/conftest.py)")
+    zoo = tiny_zoo
     from evomerge.backends.hf import HFBackend
 
     root = Path(__file__).resolve().parent.parent / "evaluators"
