@@ -63,6 +63,14 @@ def _resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
     return resolved
 
 
+def _dtype_kwarg(dtype: torch.dtype) -> dict:
+    """`dtype=` since transformers 4.56, `torch_dtype=` before."""
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
 class HFBackend:
     name = "hf"
 
@@ -94,7 +102,7 @@ class HFBackend:
                 raise EvomergeError(f"model dir {path} has no config.json (expected a transformers model dir)")
             try:
                 model = AutoModelForCausalLM.from_pretrained(
-                    path, dtype=_resolve_dtype(dtype, self.device), trust_remote_code=trust_remote_code
+                    path, **_dtype_kwarg(_resolve_dtype(dtype, self.device)), trust_remote_code=trust_remote_code
                 )
             except (OSError, ValueError) as error:
                 raise EvomergeError(f"cannot load model from {path}: {str(error).splitlines()[0]}") from None
