@@ -4,6 +4,10 @@
                                                        continuation is the greedy decode), ...]
     generate_until([(context, {"until": [...], "max_gen_toks": N}), ...]) -> [text, ...]
 
+Optional methods, used when present: `apply_chat_template(text) -> str` (backends that hold the
+tokenizer), `check(output_types)` (called by `evaluate` before any work: e.g. does the endpoint
+return prompt logprobs), `update_weights(named_tensors)` (in-place weight swap: hf, vllm).
+
 Backends are built by name from a dict of kwargs (`build_backend("hf", model="zoo/base")`); the
 entries are lazy so `vllm` is imported only when someone asks for it.
 """

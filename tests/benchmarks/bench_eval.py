@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from evomerge.backends.hf import HFBackend
-from evomerge.evaluator import evaluate, load_suite
-
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # run as a script from a checkout
+
+from evomerge.backends.hf import HFBackend  # noqa: E402
+from evomerge.evaluator import evaluate, load_suite  # noqa: E402
 
 
 def main() -> None:
