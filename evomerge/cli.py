@@ -120,15 +120,18 @@ def search(
     Example: evomerge search examples/evo-merging.yaml --run-dir runs/demo --budget 200 --workers 2
     """
     from evomerge.config import load_search_config
-    from evomerge.search import search as run_search
+    from evomerge.run import Run
+    from evomerge.search import Search
 
     loaded = load_search_config(config, budget=budget, seed=seed)
     updates = {"count": workers, "ray_address": ray_address}
     loaded = loaded.model_copy(update={"workers": loaded.workers.model_copy(
         update={k: v for k, v in updates.items() if v is not None})})
     run_dir = run_dir or Path("runs") / (loaded.name or config.stem)
+    prepared = Search(loaded)  # checks pool, space, suite and optimizer before anything is written
+    run = Run.create(run_dir, loaded.model_dump(mode="json"))
     with _search_progress(run_dir, loaded.budget) as progress:
-        run = run_search(loaded, run_dir, progress=progress)
+        prepared.execute(run, progress=progress)
     _print_summary(run)
 
 
@@ -136,12 +139,11 @@ def search(
 @user_errors
 def resume(run_dir: Path = RunDirArgument):
     """Continue a stopped run: finished candidates are kept, in-flight ones run again."""
-    from evomerge.run import Run
-    from evomerge.search import resume as run_resume
+    from evomerge.search import open_for_resume
 
-    budget = Run.open(run_dir).config()["budget"]
-    with _search_progress(run_dir, budget) as progress:
-        run = run_resume(run_dir, progress=progress)
+    run, prepared = open_for_resume(run_dir)
+    with _search_progress(run_dir, prepared.config.budget) as progress:
+        prepared.execute(run, progress=progress)
     _print_summary(run)
 
 

@@ -78,7 +78,7 @@ class SearchConfig(_Strict):
     suite: str | None = None
     backend: dict[str, Any] = Field(default_factory=lambda: {"name": "hf"})
     objective: str | None = Field(None, description="'module:function' scoring a recipe without models (tests, demos)")
-    optimizer: dict[str, Any] = Field(default_factory=lambda: {"type": "cmaes"})
+    optimizer: dict[str, Any] = Field(default_factory=dict, description="{type: cmaes|nevergrad|random|grid, ...}; default: the space's hints")
     budget: int = Field(100, ge=1)
     seed: int = 0
     workers: WorkersConfig = Field(default_factory=WorkersConfig)

@@ -22,7 +22,7 @@ import numpy as np
 
 from evomerge.config import SearchConfig
 from evomerge.errors import EvomergeError
-from evomerge.optimizers import optimizer_from_config
+from evomerge.optimizers import backend_of, merge_optimizer_config, optimizer_from_config
 from evomerge.recipe import Recipe
 from evomerge.run import REFERENCES, Evaluation, Run
 
@@ -49,19 +49,28 @@ class State:
 
 
 class Search:
-    def __init__(self, run: Run, config: SearchConfig, progress: Any = None):
+    """Built from a config, it checks everything it can before any long work (pool, space, suite,
+    optimizer); `execute(run)` then runs or continues the search in that run directory."""
+
+    def __init__(self, config: SearchConfig):
         from evomerge.config import open_pool
         from evomerge.searchspace import load_space
 
-        self.run, self.config, self.progress = run, config, progress
-        pool = open_pool(config.pool)
+        self.config = config
+        pool = open_pool(config.pool).validate(check_values=False)
         self.expert_names = pool.names
         self.space = load_space(config.space, experts=pool.names, n_layers=pool.n_layers())
+        if config.suite is not None:
+            from evomerge.evaluator import load_suite
+
+            load_suite(config.suite)
+        self._make_optimizer(self.space.stage(0), State(), n_objectives=1)
         self.workers: list[Any] = []
         self.busy: dict[Any, tuple[int, InFlight, float]] = {}  # ref -> (worker index, candidate, start)
 
     # ---- the public entry ---------------------------------------------------------------------
-    def execute(self) -> Run:
+    def execute(self, run: Run, progress: Any = None) -> Run:
+        self.run, self.progress = run, progress
         state = self._restore()
         self.run.set_status("running", budget=self.config.budget)
         try:
@@ -91,12 +100,16 @@ class Search:
         fixed = Recipe.model_validate(state.fixed) if state.fixed else None
         return self.space.stage(state.stage, fixed_from=fixed)
 
-    def _make_optimizer(self, stage_space, state: State):
-        options = {**stage_space.optimizer_hints, **self.config.optimizer}
-        if options.get("type", options.get("name")) == "nevergrad" or options.get("type") == "nevergrad":
+    def _make_optimizer(self, stage_space, state: State, n_objectives: int | None = None):
+        options = merge_optimizer_config(stage_space.optimizer_hints, self.config.optimizer)
+        if backend_of(options) is None:
+            options["type"] = "cmaes"
+        if backend_of(options) in ("nevergrad", "random"):
             options.setdefault("budget", self.stage_budget(state.stage))
+        if backend_of(options) == "nevergrad":
             options.setdefault("num_workers", self.config.workers.count)
-        n_objectives = len(self._task_names()) if self.config.multi_objective else 1
+        if n_objectives is None:
+            n_objectives = len(self._task_names()) if self.config.multi_objective else 1
         optimizer = optimizer_from_config(options, dim=stage_space.dim, lower=stage_space.lower, upper=stage_space.upper,
                                           x0=stage_space.x0, seed=self.config.seed + state.stage, n_objectives=n_objectives)
         if state.optimizer is not None:
@@ -146,7 +159,7 @@ class Search:
             state.in_flight[candidate.id] = candidate
             state.optimizer = optimizer.state_dict()
             self.run.save_checkpoint(state.__dict__)  # in flight before it runs: resume re-runs it
-            recipe = space.to_recipe(np.asarray(candidate.x)).model_dump(mode="json")
+            recipe = space.to_recipe(np.asarray(candidate.x), seed=self.config.seed).model_dump(mode="json")
             self.busy[self.workers[index].evaluate.remote(recipe)] = (index, candidate, time.time())
 
     def _collect(self):
@@ -187,7 +200,8 @@ class Search:
         else:
             objective = self.config.failure_objective
         evaluation = Evaluation(
-            id=candidate.id, stage=state.stage, genome=candidate.x, recipe=space.to_recipe(x).model_dump(mode="json"),
+            id=candidate.id, stage=state.stage, genome=candidate.x,
+            recipe=space.to_recipe(x, seed=self.config.seed).model_dump(mode="json"),
             scores=result.get("scores", {}), objective=objective, status=result["status"],
             reason=result.get("reason", ""), worker=str(result.get("worker", "")), seconds=result.get("seconds"),
             finished_at=time.time(),
@@ -282,15 +296,20 @@ def _device_for(device: str) -> str:
 
 
 def search(config: SearchConfig, run_dir: Path, progress: Any = None) -> Run:
-    run = Run.create(run_dir, config.model_dump(mode="json"))
-    return Search(run, config, progress).execute()
+    prepared = Search(config)  # a bad config fails here, before the run dir exists
+    return prepared.execute(Run.create(run_dir, config.model_dump(mode="json")), progress)
+
+
+def open_for_resume(run_dir: Path) -> tuple[Run, Search]:
+    run = Run.open(run_dir)
+    state = run.status().get("state")
+    if state == "finished":
+        raise EvomergeError(f"{run_dir} has finished its budget; start another run to search more")
+    if state == "running":
+        raise EvomergeError(f"{run_dir} is running (pid {run.status().get('pid')}); stop it before resuming")
+    return run, Search(SearchConfig.model_validate(run.config()))
 
 
 def resume(run_dir: Path, progress: Any = None) -> Run:
-    run = Run.open(run_dir)
-    if run.status().get("state") == "finished":
-        raise EvomergeError(f"{run_dir} has finished its budget; start another run to search more")
-    if run.status().get("state") == "running":
-        raise EvomergeError(f"{run_dir} is running (pid {run.status().get('pid')}); stop it before resuming")
-    config = SearchConfig.model_validate(run.config())
-    return Search(run, config, progress).execute()
+    run, prepared = open_for_resume(run_dir)
+    return prepared.execute(run, progress)

@@ -1,0 +1,90 @@
+"""`evomerge demo`: build the demo zoo if missing, search, and compare on the held-out test split.
+
+The comparison scores every model the same way (the zoo's generate suite on the test split, greedy
+exact match): the base, each expert, the classic recipes at their usual settings, and the best
+recipe the search found on the validation loss.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from evomerge.config import SearchConfig, WorkersConfig, open_pool, resolve_pool_spec
+from evomerge.recipe import Recipe
+
+REPO = Path(__file__).resolve().parents[1]
+SEARCH_SUITE = REPO / "evaluators" / "zoo-loss.yaml"
+TEST_SUITE = REPO / "evaluators" / "zoo-generate-test.yaml"
+
+
+def classic_recipes(experts: list[str]) -> dict[str, Recipe]:
+    """The usual settings of the classic recipes (FusionBench/mergekit defaults)."""
+    def uniform(method: str, density: float = 1.0, **parameters) -> Recipe:
+        return Recipe(method=method, experts={n: {"weight": 1.0, "density": density} for n in experts},
+                      parameters=parameters)
+
+    return {
+        "average (linear)": uniform("linear"),
+        "task arithmetic (lambda 0.3)": uniform("task_arithmetic", **{"lambda": 0.3}),
+        "TIES (density 0.5)": uniform("ties", 0.5),
+        "DARE-TIES (density 0.5)": uniform("dare_ties", 0.5),
+    }
+
+
+def reference_recipes(experts: list[str]) -> dict[str, Recipe]:
+    """The base (all weights 0) and each expert alone (weight 1), as recipes."""
+    def only(name: str | None) -> Recipe:
+        return Recipe(method="evo_merging", experts={n: {"weight": float(n == name)} for n in experts})
+
+    return {"base": only(None), **{f"expert {n}": only(n) for n in experts}}
+
+
+def demo_config(zoo_dir: Path, budget: int, workers: int) -> SearchConfig:
+    return SearchConfig(
+        name="demo", pool=resolve_pool_spec("pool-full.yaml", zoo_dir.resolve(), "demo"), space="evo-merging",
+        suite=str(SEARCH_SUITE), backend={"name": "hf", "batch_size": 64}, budget=budget, seed=0,
+        optimizer={"type": "cmaes", "popsize": 8}, workers=WorkersConfig(count=workers))
+
+
+def run_demo(zoo_dir: Path, size: str, budget: int, workers: int, run_dir: Path, console: Console) -> None:
+    from evomerge.progress import SearchProgress
+    from evomerge.search import search
+    from evomerge.zoo import build_zoo
+
+    console.print(f"[bold]1/3[/] demo zoo in {zoo_dir} (built if missing)")
+    build_zoo(zoo_dir, size=size, progress=True)
+    config = demo_config(zoo_dir, budget, workers)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    console.print(f"[bold]2/3[/] Evo-Merging search, {budget} evaluations on the validation loss -> {run_dir}")
+    with SearchProgress(console, budget) as progress:
+        run = search(config, run_dir, progress=progress)
+    best = Recipe.model_validate(run.best(1)[0].recipe)
+    console.print("[bold]3/3[/] scoring on the held-out test split (greedy exact match)")
+    table = compare_on_test(config, {"Evo-Merging (searched)": best}, console)
+    console.print(table)
+    console.print(f"inspect the run: evomerge show {run_dir} --plot;  export it: evomerge export {run_dir} -o merged/")
+
+
+def compare_on_test(config: SearchConfig, found: dict[str, Recipe], console: Console) -> Table:
+    from evomerge.worker import Worker
+
+    experts = open_pool(config.pool).names
+    recipes = {**reference_recipes(experts), **classic_recipes(experts), **found}
+    worker = Worker(config.pool, str(TEST_SUITE), config.backend)
+    results = {name: worker.evaluate(recipe.model_dump(mode="json")) for name, recipe in recipes.items()}
+    tasks = sorted(next(r for r in results.values() if r["status"] == "ok")["scores"])
+    table = Table(title="test split, exact match (higher is better)")
+    for column in ("model", *tasks, "mean"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for name, result in results.items():
+        if result["status"] != "ok":
+            table.add_row(name, *("failed" for _ in tasks), result["reason"][:40])
+            continue
+        scores = result["scores"]
+        table.add_row(name, *(f"{scores[t]:.3f}" for t in tasks), f"{sum(scores.values()) / len(scores):.3f}")
+    return table
