@@ -68,7 +68,7 @@ class MetricSpec(_Strict):
             try:
                 re.compile(self.regex_pattern)
             except re.error as error:
-                raise ValueError(f"regex_pattern {self.regex_pattern!r} does not compile: {error}")
+                raise ValueError(f"regex_pattern {self.regex_pattern!r} does not compile: {error}") from None
         elif self.regex_pattern is not None:
             raise ValueError(f"regex_pattern only applies to metric 'regex', not {self.metric!r}")
         expected = self.metric not in LOWER_IS_BETTER
@@ -112,8 +112,6 @@ class TaskConfig(_Strict):
                 )
         if self.output_type == "multiple_choice" and self.doc_to_choice is None:
             raise ValueError("output_type 'multiple_choice' needs doc_to_choice")
-        if self.output_type == "loss" and self.apply_chat_template:
-            pass  # allowed: the context is formatted as a chat turn, the target scored after it
         return self
 
     @property
@@ -171,7 +169,7 @@ def read_jsonl(path: Path) -> list[dict]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ConfigError(f"{path}:{number}: not valid JSON ({error.msg}, column {error.colno})")
+                raise ConfigError(f"{path}:{number}: not valid JSON ({error.msg}, column {error.colno})") from None
             if not isinstance(record, dict):
                 raise ConfigError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
             records.append(record)
@@ -188,7 +186,7 @@ def load_suite(path: str | Path, *, limit: Optional[int] = None) -> Suite:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
-        raise ConfigError(f"suite {path} is not valid YAML: {str(error).splitlines()[0]}")
+        raise ConfigError(f"suite {path} is not valid YAML: {str(error).splitlines()[0]}") from None
     suite = suite_from_dict(raw, base_dir=path.parent, name=str(path), limit=limit)
     suite._path = path
     return suite
@@ -272,7 +270,7 @@ def _check_templates(task: TaskConfig, docs: list[dict], data_path: Path) -> Non
         try:
             names = _fields(template)
         except jinja2.TemplateSyntaxError as error:
-            raise ConfigError(f"task {task.task!r}: {key} is not a valid jinja2 template ({error})")
+            raise ConfigError(f"task {task.task!r}: {key} is not a valid jinja2 template ({error})") from None
         for number, doc in enumerate(docs[:N_CHECKED_RECORDS], 1):
             missing = sorted(names - set(doc))
             if missing:
@@ -289,7 +287,7 @@ def _check_templates(task: TaskConfig, docs: list[dict], data_path: Path) -> Non
             except (jinja2.UndefinedError, jinja2.TemplateError, TypeError, ValueError, KeyError) as error:
                 raise ConfigError(
                     f"task {task.task!r}: {key} fails on record {number} of {data_path}: {error}"
-                )
+                ) from None
 
 
 def _choices(task: TaskConfig, doc: dict) -> list[str]:

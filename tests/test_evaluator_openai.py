@@ -42,11 +42,11 @@ def free_port() -> int:
 class EchoServer:
     """/v1/models and /v1/completions (echo + logprobs, greedy generation) over a local model."""
 
-    def __init__(self, model_dir: Path, api_key: str | None = None, echo: bool = True):
+    def __init__(self, directory: Path, api_key: str | None = None, echo: bool = True):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(directory)
         self.api_key, self.echo = api_key, echo
         self.failures: list[int] = []  # statuses to answer before succeeding (429, 503, ...)
         self.delays: list[float] = []  # seconds to sleep before answering

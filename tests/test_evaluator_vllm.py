@@ -27,7 +27,6 @@ from evomerge.backends.vllm_engine import (
     loglikelihood_sampling_kwargs,
     sampling_params,
 )
-from evomerge.errors import EvomergeError
 from evomerge.evaluator import evaluate, load_suite
 from tests.test_evaluator import model_dir  # noqa: F401 - the shared session fixture
 from tests.test_evaluator_zoo import make_records, write_jsonl
