@@ -1,0 +1,401 @@
+"""The demo zoo: a base model and a pool of experts built from nothing on a CPU in seconds.
+
+`build_zoo(out, size)` trains a small Llama-architecture model on a mix of the synthetic tasks of
+`evomerge.zoo_tasks` (briefly, so that it is mediocre at each), then for each task one full
+fine-tune and one LoRA adapter (long and hot enough that each expert forgets the other tasks),
+scores everything, and writes:
+
+    OUT/base/                 config.json, model.safetensors, tokenizer (tokenizer.json + config),
+                              generation_config.json
+    OUT/full/<task>/          same files as base/
+    OUT/lora/<task>/          adapter_config.json + adapter_model.safetensors (peft save_pretrained;
+                              base_model_name_or_path is the absolute path of OUT/base)
+    OUT/data/<task>/          validation.jsonl, test.jsonl (as committed under evaluators/data/)
+    OUT/pool-full.yaml        base: base, experts: {task: full/<task>}  (paths relative to the YAML)
+    OUT/pool-lora.yaml        base: base, experts: {task: lora/<task>}
+    OUT/scores.json           {"meta": ..., "scores": {model: {task: {"val_loss", "test_acc"}}}}
+
+The zoo is built in a temporary directory beside OUT and renamed into place at the end, so OUT is
+either absent or complete. If OUT already holds a complete zoo of the same size and seed it is
+reused (its scores are returned); any other existing, non-empty OUT is an error.
+
+The tokenizer is character-level (a `tokenizers` BPE model without merges), loads with
+`AutoTokenizer.from_pretrained(dir)` offline and prepends <s> like Llama's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from evomerge.errors import EvomergeError
+from evomerge.zoo_tasks import ALPHABET, PRETRAIN_MIX, TASKS, eval_splits, train_records, write_data
+
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ZOO_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ZooSize:
+    """Model shape and training schedule of one zoo size."""
+
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    batch: int
+    base_steps: int
+    base_lr: float
+    full_steps: int
+    full_lr: float
+    lora_steps: int
+    lora_lr: float
+
+
+SIZES = {
+    "tiny": ZooSize(hidden=64, layers=2, heads=4, intermediate=128, batch=64,
+                    base_steps=250, base_lr=3e-3, full_steps=80, full_lr=1.5e-3,
+                    lora_steps=80, lora_lr=5e-3),
+    "small": ZooSize(hidden=128, layers=4, heads=4, intermediate=256, batch=64,
+                     base_steps=400, base_lr=3e-3, full_steps=160, full_lr=3e-3,
+                     lora_steps=160, lora_lr=1e-2),
+}
+
+
+# ---- tokenizer ------------------------------------------------------------------------------
+
+
+def build_tokenizer():
+    """A character-level fast tokenizer: one token per character of ALPHABET, <s> prepended."""
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *ALPHABET])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    backend.decoder = decoders.Fuse()  # join characters as they are (no spaces in between)
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s>:0 $A:0", pair="<s>:0 $A:0 <s>:1 $B:1", special_tokens=[("<s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        add_bos_token=True,
+        add_eos_token=False,
+        clean_up_tokenization_spaces=False,
+        model_max_length=64,
+    )
+
+
+_CHAR_IDS = {c: i for i, c in enumerate(ALPHABET, start=len(SPECIAL_TOKENS))}
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` without specials: one per character (what the tokenizer gives, faster)."""
+    return [_CHAR_IDS[c] for c in text]
+
+
+# ---- model ----------------------------------------------------------------------------------
+
+
+def build_model(size: ZooSize, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=size.hidden,
+        intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.heads,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def save_model(model, tokenizer, path: Path) -> None:
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("\n")]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.do_sample = False
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
+# ---- training -------------------------------------------------------------------------------
+
+
+def _batch(tokenizer, records: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded [<s> question answer \\n </s>] ids and labels (-100 except answer, \\n, </s>)."""
+    rows, labels = [], []
+    for r in records:
+        q = [tokenizer.bos_token_id, *encode(tokenizer, r["question"])]
+        a = [*encode(tokenizer, r["answer"] + "\n"), tokenizer.eos_token_id]
+        rows.append(q + a)
+        labels.append([-100] * len(q) + a)
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    lab = torch.full((len(rows), width), -100)
+    for i, (row, label) in enumerate(zip(rows, labels)):
+        ids[i, : len(row)] = torch.tensor(row)
+        lab[i, : len(label)] = torch.tensor(label)
+    return ids, lab
+
+
+def _loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    # Right padding under a causal mask never changes the logits of the real tokens: no mask needed.
+    logits = model(input_ids=ids).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+
+
+def train(model, tokenizer, tasks: list[str], steps: int, lr: float, batch: int, stream: str,
+          on_step=None) -> None:
+    """AdamW with warmup and cosine decay on the answer tokens of `tasks` (repeat a name to weigh it)."""
+    streams = {task: train_records(task, stream) for task in tasks}
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    model.train()
+    for step in range(steps):
+        records = [next(streams[tasks[i % len(tasks)]]) for i in range(batch)]
+        loss = _loss(model, *_batch(tokenizer, records))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if on_step:
+            on_step()
+    model.eval()
+
+
+# ---- scoring --------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def val_loss(model, tokenizer, records: list[dict], batch: int = 200) -> float:
+    """Mean teacher-forced cross-entropy (nats per token) of the answer tokens given <s> question."""
+    total, count = 0.0, 0
+    for i in range(0, len(records), batch):
+        chunk = records[i : i + batch]
+        rows = [[tokenizer.bos_token_id, *encode(tokenizer, r["question"])] for r in chunk]
+        answers = [encode(tokenizer, r["answer"]) for r in chunk]
+        ids, labels = _batch(tokenizer, chunk)
+        for j, (q, a) in enumerate(zip(rows, answers)):  # answer tokens only (not \n, </s>)
+            labels[j, len(q) + len(a) :] = -100
+        logits = model(input_ids=ids).logits[:, :-1]
+        ce = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100,
+            reduction="sum",
+        )
+        total += ce.item()
+        count += int((labels[:, 1:] != -100).sum())
+    return total / count
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, questions: list[str], max_new_tokens: int = 10) -> list[str]:
+    """Greedy continuation of each question up to (not including) the first newline or </s>."""
+    newline = tokenizer.convert_tokens_to_ids("\n")
+    by_length: dict[int, list[int]] = {}
+    encoded = [[tokenizer.bos_token_id, *encode(tokenizer, q)] for q in questions]
+    for i, ids in enumerate(encoded):  # same length -> one batch without padding
+        by_length.setdefault(len(ids), []).append(i)
+    out = [""] * len(questions)
+    for indices in by_length.values():
+        ids = torch.tensor([encoded[i] for i in indices])
+        start = ids.shape[1]
+        for _ in range(max_new_tokens):
+            nxt = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], dim=1)
+            if bool(((ids[:, start:] == newline) | (ids[:, start:] == tokenizer.eos_token_id)).any(1).all()):
+                break
+        for row, i in zip(ids[:, start:].tolist(), indices):
+            stop = next((k for k, t in enumerate(row) if t in (newline, tokenizer.eos_token_id)), len(row))
+            out[i] = tokenizer.decode(row[:stop], skip_special_tokens=True)
+    return out
+
+
+def score(model, tokenizer, splits: dict[str, dict[str, list[dict]]]) -> dict[str, dict[str, float]]:
+    """Per task: validation loss and greedy exact-match accuracy on the test split."""
+    result = {}
+    for task, data in splits.items():
+        preds = greedy_answers(model, tokenizer, [r["question"] for r in data["test"]])
+        acc = sum(p == r["answer"] for p, r in zip(preds, data["test"])) / len(data["test"])
+        result[task] = {"val_loss": round(val_loss(model, tokenizer, data["validation"]), 4),
+                        "test_acc": round(acc, 4)}
+    return result
+
+
+# ---- the zoo --------------------------------------------------------------------------------
+
+
+@contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return nullcontext(None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), transient=False)
+
+
+def _existing(out: Path, size: str, seed: int) -> dict | None:
+    """The scores of a complete zoo of this size and seed at `out`; None if `out` is free."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return None
+    scores = out / "scores.json"
+    if scores.is_file():
+        table = json.loads(scores.read_text())
+        meta = table.get("meta", {})
+        if meta.get("size") == size and meta.get("seed") == seed and meta.get("format") == ZOO_FORMAT:
+            return table
+        raise EvomergeError(
+            f"{out} already holds a zoo built with size={meta.get('size')!r} seed={meta.get('seed')!r}; "
+            f"delete it or choose another directory to build size={size!r} seed={seed!r}"
+        )
+    raise EvomergeError(f"{out} exists and is not a complete zoo; delete it or choose another directory")
+
+
+def _write_pool(path: Path, kind: str) -> None:
+    lines = ["# written by `evomerge zoo`; paths are relative to this file", "base: base", "experts:"]
+    lines += [f"  {task}: {kind}/{task}" for task in TASKS]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def build_zoo(out: Path, size: str = "small", seed: int = 0, progress: bool = True) -> dict:
+    """Build the demo zoo into `out` (see the module docstring); returns the scores table.
+
+    Deterministic given size and seed (on one machine and torch version). A complete zoo of the
+    same size and seed already at `out` is reused; anything else already at `out` is an error.
+    """
+    if size not in SIZES:
+        raise EvomergeError(f"unknown zoo size {size!r}; available: {', '.join(SIZES)}")
+    out = Path(out)
+    if (table := _existing(out, size, seed)) is not None:
+        return table
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spec = SIZES[size]
+    tasks = list(TASKS)
+    splits = {task: eval_splits(task) for task in tasks}
+    started = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a zoo is for sharing
+    try:
+        # One thread: these models are too small to gain from intra-op threads, and on a busy
+        # 2-core machine two threads made each step several times slower (and timings erratic).
+        with _threads(1), _progress(progress) as bars:
+            scores = _build(tmp, out.resolve(), spec, tasks, splits, seed, bars)
+        table = {
+            "meta": {"format": ZOO_FORMAT, "size": size, "seed": seed, "tasks": tasks,
+                     "spec": asdict(spec), "seconds": round(time.perf_counter() - started, 1),
+                     "val_loss": "mean cross-entropy (nats/token) of the answer tokens, validation split",
+                     "test_acc": "greedy exact match of the answer (up to the newline), test split"},
+            "scores": scores,
+        }
+        (tmp / "scores.json").write_text(json.dumps(table, indent=2) + "\n")
+        if out.exists():  # an empty directory (checked by _existing)
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if progress:
+        from rich.console import Console
+        from rich.markdown import Markdown
+
+        Console().print(Markdown(scores_markdown(table)))
+        Console().print(f"zoo written to {out} in {table['meta']['seconds']:.0f}s")
+    return table
+
+
+def scores_markdown(table: dict) -> str:
+    """The scores table as Markdown: one row per model, per task "val loss / test accuracy"."""
+    tasks = table["meta"]["tasks"]
+    lines = ["| model | " + " | ".join(tasks) + " | mean |", "|---" * (len(tasks) + 2) + "|"]
+    for model, row in table["scores"].items():
+        cells = [f"{row[t]['val_loss']:.3f} / {row[t]['test_acc']:.0%}" for t in tasks]
+        loss = sum(row[t]["val_loss"] for t in tasks) / len(tasks)
+        acc = sum(row[t]["test_acc"] for t in tasks) / len(tasks)
+        lines.append(f"| {model} | " + " | ".join(cells) + f" | {loss:.3f} / {acc:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def _build(tmp: Path, final: Path, spec: ZooSize, tasks: list[str], splits: dict, seed: int, bars) -> dict:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def phase(name: str, total: int):
+        if bars is None:
+            return None
+        tid = bars.add_task(name, total=total)
+        return lambda: bars.advance(tid)
+
+    tokenizer = build_tokenizer()
+    write_data(tmp / "data")
+    torch.manual_seed(seed)
+    base = build_model(spec, tokenizer)
+    train(base, tokenizer, list(PRETRAIN_MIX), spec.base_steps, spec.base_lr, spec.batch, f"{seed}/base",
+          phase("base", spec.base_steps))
+    save_model(base, tokenizer, tmp / "base")
+    scores = {}
+    tick = phase("scoring", 1 + 2 * len(tasks))
+    scores["base"] = score(base, tokenizer, splits)
+    tick and tick()
+
+    for i, task in enumerate(tasks):
+        torch.manual_seed(seed * 1000 + i)
+        model = AutoModelForCausalLM.from_pretrained(tmp / "base")
+        train(model, tokenizer, [task], spec.full_steps, spec.full_lr, spec.batch, f"{seed}/expert",
+              phase(f"full/{task}", spec.full_steps))
+        save_model(model, tokenizer, tmp / "full" / task)
+        scores[f"full/{task}"] = score(model, tokenizer, splits)
+        tick and tick()
+
+    for i, task in enumerate(tasks):
+        torch.manual_seed(seed * 1000 + 100 + i)
+        model = AutoModelForCausalLM.from_pretrained(tmp / "base")
+        config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                            task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+        model.base_model.model.name_or_path = str(final / "base")  # where it will be, not tmp
+        model.peft_config["default"].base_model_name_or_path = str(final / "base")
+        train(model, tokenizer, [task], spec.lora_steps, spec.lora_lr, spec.batch, f"{seed}/expert",
+              phase(f"lora/{task}", spec.lora_steps))
+        model.save_pretrained(tmp / "lora" / task)
+        scores[f"lora/{task}"] = score(model, tokenizer, splits)
+        tick and tick()
+
+    _write_pool(tmp / "pool-full.yaml", "full")
+    _write_pool(tmp / "pool-lora.yaml", "lora")
+    return scores
