@@ -1,0 +1,51 @@
+"""End to end on the tiny demo zoo: real merges, real evaluations, through Ray workers and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from evomerge.run import Run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "evomerge.cli", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("pool, space", [
+    ("pool-full.yaml", "evo-merging"),
+    ("pool-lora.yaml", {"preset": "evo-merging", "lora_merge": "lowrank"}),
+])
+def test_search_on_the_zoo_then_show_and_export(tiny_zoo, tmp_path, pool, space):
+    config = tmp_path / "search.yaml"
+    config.write_text(yaml.safe_dump({
+        "pool": str(tiny_zoo / pool), "space": space, "suite": str(REPO / "evaluators" / "zoo-loss.yaml"),
+        "backend": {"name": "hf", "batch_size": 64}, "budget": 8, "seed": 0,
+        "optimizer": {"type": "cmaes", "popsize": 4}, "workers": {"count": 2}}))
+    done = run_cli("search", str(config), "--run-dir", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr
+    run = Run(tmp_path / "run")
+    evaluations = run.evaluations()
+    assert len(evaluations) == 8 and all(e.ok for e in evaluations)
+    assert set(evaluations[0].scores) == {"add", "reverse", "upper", "next"}
+    references = json.loads((run.path / "references.json").read_text())
+    zoo_scores = json.loads((tiny_zoo / "scores.json").read_text())["scores"]
+    kind = "full" if "full" in pool else "lora"
+    for task in ("add", "reverse"):  # the workers score the experts as the zoo did (loss = -score)
+        assert references[task]["scores"][task] == pytest.approx(-zoo_scores[f"{kind}/{task}"][task]["val_loss"], rel=1e-3)
+    shown = run_cli("show", str(run.path))
+    assert shown.returncode == 0 and "best candidates" in shown.stdout
+    exported = run_cli("export", str(run.path), "-o", str(tmp_path / "export"))
+    assert exported.returncode == 0, exported.stderr
+    if kind == "lora":  # a low-rank merge stays a PEFT adapter
+        assert (tmp_path / "export" / "adapter_model.safetensors").is_file()
+    else:
+        assert (tmp_path / "export" / "model.safetensors").is_file()
+        assert (tmp_path / "export" / "tokenizer.json").is_file()
