@@ -91,6 +91,7 @@ class Search:
 
     # ---- stages -------------------------------------------------------------------------------
     def stage_budget(self, stage: int) -> int:
+        """The stage's share of the run's budget (a grid stops earlier when its points run out)."""
         fractions = [self.space.stage(i).budget_fraction for i in range(self.space.n_stages)]
         budgets = [int(round(self.config.budget * f / sum(fractions))) for f in fractions]
         budgets[-1] = self.config.budget - sum(budgets[:-1])
@@ -104,6 +105,10 @@ class Search:
         options = merge_optimizer_config(stage_space.optimizer_hints, self.config.optimizer)
         if backend_of(options) is None:
             options["type"] = "cmaes"
+        if options.get("points") == "classic":
+            from evomerge.baselines import classic_grid
+
+            options["points"] = classic_grid(stage_space)
         if backend_of(options) in ("nevergrad", "random"):
             options.setdefault("budget", self.stage_budget(state.stage))
         if backend_of(options) == "nevergrad":

@@ -172,3 +172,16 @@ def test_show_and_export(tmp_path, pool_spec):
     assert mergekit["merge_method"] == "dare_ties"
     best = run.best(1)[0]
     assert yaml.safe_load((out / "recipe.yaml").read_text()) == best.recipe
+
+
+def test_classic_grid_baseline_runs_every_point_in_the_run_format(tmp_path, pool_spec):
+    from evomerge.baselines import classic_settings
+
+    config = load_search_config(write_config(tmp_path / "s.yaml", pool_spec, space="classic", budget=500, optimizer={}))
+    run = search(config, tmp_path / "run")
+    evaluations = run.evaluations()
+    expected = classic_settings(["task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "della"])
+    assert len(evaluations) == len(expected)  # the grid ran out before the budget
+    seen = {(e.recipe["method"], next(iter(e.recipe["experts"].values()))["density"], e.recipe["parameters"]["lambda"])
+            for e in evaluations}
+    assert seen == set(expected)
