@@ -47,6 +47,12 @@ class Worker:
         options = {k: v for k, v in backend.items() if k != "name"}
         self.backend = build_backend(backend.get("name", "hf"), model=pool_spec["base"], device=device, **options)
 
+    def _swap_weights(self, recipe: Recipe) -> None:
+        if hasattr(self.backend, "update_weights"):  # vLLM: the engine's own loaders take the tensors
+            self.backend.update_weights(_finite_or_raise(list(self.merger.merged(recipe)), recipe))
+        else:  # transformers: written into the live module's parameters
+            self.merger.apply(recipe, self.backend.model)
+
     def info(self) -> dict[str, Any]:
         return {"pid": self.pid}
 
@@ -70,10 +76,19 @@ class Worker:
             return scores, sum(scores.values()) / len(scores), {"merge": 0.0, "eval": time.perf_counter() - started}
         from evomerge.evaluator import evaluate
 
-        self.merger.apply(recipe, self.backend.model)
+        self._swap_weights(recipe)
         merged = time.perf_counter()
         result = evaluate(self.suite, self.backend)
         return result.scores, result.scalar, {"merge": merged - started, "eval": time.perf_counter() - merged}
+
+
+def _finite_or_raise(named: list, recipe: Recipe) -> list:
+    import torch
+
+    for name, tensor in named:
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"merged tensor {name} holds NaN/Inf (recipe {recipe.id})")
+    return named
 
 
 def ray_worker_class(device: str):
