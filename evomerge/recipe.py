@@ -234,7 +234,7 @@ def recipe_from_mergekit(data: dict[str, Any], where: str = "mergekit config") -
             raise ConfigError(f"{where}: parameters.{key}: only scalar values are supported")
     recipe = Recipe.from_dict({"method": by_mergekit[method_name], "experts": {n: e.model_dump() for n, e in experts.items()},
                                "parameters": global_params, "overrides": [o.model_dump() for o in overrides],
-                               "dtype": data.get("dtype")}, where)
+                               "dtype": data.get("out_dtype") or data.get("dtype")}, where)
     return recipe, {"base": str(base), "experts": paths}
 
 

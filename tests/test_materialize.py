@@ -221,3 +221,10 @@ def test_evomerge_only_flags_are_not_exported_to_mergekit(full_pool):
     spec, _ = full_pool
     with pytest.raises(ConfigError, match="normalize_abs is evomerge's own"):
         recipe_to_mergekit(recipe("ties", parameters={"normalize_abs": True}), spec)
+
+
+def test_mergekit_out_dtype_is_the_output_dtype(tmp_path):
+    config = tmp_path / "mk.yaml"
+    config.write_text("merge_method: linear\nbase_model: a\nmodels: [{model: b}]\ndtype: float32\nout_dtype: bfloat16\n")
+    r, _ = load_merge_config(config)
+    assert r.dtype == "bfloat16"
