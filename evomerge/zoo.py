@@ -330,6 +330,9 @@ def build_zoo(out: Path, size: str = "small", seed: int = 0, progress: bool = Tr
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.enable_progress_bar()  # _build turned it off
     if progress:
         from rich.console import Console
         from rich.markdown import Markdown
@@ -361,6 +364,9 @@ def _build(tmp: Path, final: Path, spec: ZooSize, tasks: list[str], splits: dict
         tid = bars.add_task(name, total=total)
         return lambda: bars.advance(tid)
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar per expert under our own bars
     tokenizer = build_tokenizer()
     write_data(tmp / "data")
     torch.manual_seed(seed)
@@ -388,11 +394,13 @@ def _build(tmp: Path, final: Path, spec: ZooSize, tasks: list[str], splits: dict
         config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS,
                             task_type="CAUSAL_LM")
         model = get_peft_model(model, config)
-        model.base_model.model.name_or_path = str(final / "base")  # where it will be, not tmp
-        model.peft_config["default"].base_model_name_or_path = str(final / "base")
         train(model, tokenizer, [task], spec.lora_steps, spec.lora_lr, spec.batch, f"{seed}/expert",
               phase(f"lora/{task}", spec.lora_steps))
         model.save_pretrained(tmp / "lora" / task)
+        adapter_config = tmp / "lora" / task / "adapter_config.json"  # point at where base will be
+        config_json = json.loads(adapter_config.read_text())
+        config_json["base_model_name_or_path"] = str(final / "base")
+        adapter_config.write_text(json.dumps(config_json, indent=2) + "\n")
         scores[f"lora/{task}"] = score(model, tokenizer, splits)
         tick and tick()
 
