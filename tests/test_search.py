@@ -185,3 +185,24 @@ def test_classic_grid_baseline_runs_every_point_in_the_run_format(tmp_path, pool
     seen = {(e.recipe["method"], next(iter(e.recipe["experts"].values()))["density"], e.recipe["parameters"]["lambda"])
             for e in evaluations}
     assert seen == set(expected)
+
+
+def test_timed_out_candidate_is_failed_and_its_worker_replaced(tmp_path, pool_spec, monkeypatch):
+    monkeypatch.setenv("EVOMERGE_TEST_DELAY", "3")  # the Ray workers inherit the driver's environment
+    config = load_search_config(write_config(tmp_path / "s.yaml", pool_spec, budget=3, space="lorahub",
+                                             optimizer={"type": "random"},
+                                             workers={"count": 2, "timeout_s": 1.0}, references=False))
+    run = search(config, tmp_path / "run")
+    evaluations = run.evaluations()
+    assert len(evaluations) == 3
+    assert all(not e.ok and e.reason.startswith("timeout after") for e in evaluations)
+
+
+def test_multi_objective_nevergrad_gets_per_task_losses(tmp_path, pool_spec):
+    config = load_search_config(write_config(tmp_path / "s.yaml", pool_spec, budget=12, space="lorahub",
+                                             multi_objective=True,
+                                             optimizer={"type": "nevergrad", "name": "DE"}))
+    run = search(config, tmp_path / "run")
+    assert len(run.evaluations()) == 12
+    front = json.loads((run.path / "pareto.json").read_text())
+    assert front["tasks"] == ["expert0", "expert1", "expert2"] and len(front["front"]) >= 2

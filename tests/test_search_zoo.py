@@ -49,3 +49,25 @@ def test_search_on_the_zoo_then_show_and_export(tiny_zoo, tmp_path, pool, space)
     else:
         assert (tmp_path / "export" / "model.safetensors").is_file()
         assert (tmp_path / "export" / "tokenizer.json").is_file()
+
+
+def test_nan_candidate_on_a_real_merge_is_a_failed_result(tiny_zoo):
+    from evomerge.config import resolve_pool_spec
+    from evomerge.worker import Worker
+
+    spec = resolve_pool_spec("pool-full.yaml", tiny_zoo, "zoo")
+    worker = Worker(spec, str(REPO / "evaluators" / "zoo-loss.yaml"), {"name": "hf", "batch_size": 64})
+    huge = {"method": "task_arithmetic", "parameters": {"lambda": 1e30},
+            "experts": {name: {"weight": 1e10} for name in spec["experts"]}}
+    result = worker.evaluate(huge)
+    assert result["status"] == "failed" and "NaN" in result["reason"]
+    fine = worker.evaluate({"method": "task_arithmetic", "experts": {n: {"weight": 0.25} for n in spec["experts"]}})
+    assert fine["status"] == "ok"  # the worker is still usable after a failed candidate
+
+
+def test_demo_runs_end_to_end_on_the_tiny_zoo(tiny_zoo, tmp_path):
+    done = run_cli("demo", "--zoo", str(tiny_zoo), "--size", "tiny", "--budget", "6", "--workers", "2",
+                   "--run-dir", str(tmp_path / "demo"))
+    assert done.returncode == 0, done.stderr
+    assert "Evo-Merging (searched)" in done.stdout and "TIES (density 0.5)" in done.stdout
+    assert "expert add" in done.stdout
