@@ -166,23 +166,81 @@ def _as_float32(base: Tensor, deltas: list[Tensor]) -> tuple[Tensor, list[Tensor
 
 
 # --------------------------------------------------------------------------------------------------
-# Sparsifiers: one expert's task vector -> a masked (and maybe rescaled) tensor
+# Sparsifiers: one expert's task vector -> which entries it keeps, and how they are rescaled
+#
+# A sparsifier returns a `_Kept` recipe (a bool mask and maybe a rescale), not the masked tensor: the
+# TIES family holds one byte per entry per expert between its two passes instead of a float32 copy, and
+# rebuilds w_t * sparsify(tau_t) into one scratch buffer when it needs it. The caller's task vectors are
+# only ever read (ResidentSource hands out views of tensors it keeps).
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """sparsify(tau) = tau * keep / probs * scale, each step only where given; `zero`: all zeros.
+
+    The operations and their order are those of the masked-tensor code this replaced, so the results
+    are the same bit for bit (tests/test_methods.py checks against a stacked reference)."""
+
+    keep: Tensor | None = None  # bool mask of the kept entries; None keeps every entry
+    probs: Tensor | None = None  # the papers' unbiased rescale: divide kept entries by their keep probability
+    scale: Tensor | None = None  # mergekit's L1 rescale: a 0-dim factor
+    zero: bool = False
+
+    def build(self, tau: Tensor, out: Tensor, weight: float | None = None) -> Tensor | None:
+        """weight * sparsify(tau) written into `out` (not tau); None where it is all zeros."""
+        if self.zero:
+            return None
+        if self.keep is None and self.probs is None and self.scale is None and weight is not None:
+            return torch.mul(tau, weight, out=out)
+        if self.keep is None:
+            out.copy_(tau)
+        else:
+            torch.mul(tau, self.keep, out=out)
+        if self.probs is not None:
+            out.div_(self.probs)
+        if self.scale is not None:
+            out.mul_(self.scale)
+        return out if weight is None else out.mul_(weight)
+
+    def tensor(self, tau: Tensor) -> Tensor:
+        built = self.build(tau, torch.empty_like(tau))
+        return torch.zeros_like(tau) if built is None else built
 
 
 def _keep_largest(t: Tensor, k: int) -> Tensor:
-    """0/1 float mask of the k entries of largest |t| (exactly k; ties broken by torch.topk).
-    torch.topk has no 16M-element limit (unlike torch.quantile); for k > n/2 it drops the n-k smallest."""
+    """Bool mask of the k entries of largest |t| (exactly k; ties broken by torch.topk).
+    torch.topk has no 16M-element limit (unlike torch.quantile); for k > n/2 it drops the n-k smallest.
+
+    No faster selection keeps the same set: task vectors of bfloat16 checkpoints hold a few thousand
+    distinct magnitudes, so the cut always falls inside a run of ties (~170k entries at the cut of a
+    12M-entry embedding), and which of those torch.topk keeps is its nth_element's choice."""
     n = t.numel()
     magnitude = t.abs().reshape(-1).float()
     if 2 * k <= n:
-        mask = torch.zeros(n, dtype=torch.float32, device=t.device)
+        mask = torch.zeros(n, dtype=torch.bool, device=t.device)
         if k > 0:
-            mask[torch.topk(magnitude, k, sorted=False).indices] = 1
+            mask[torch.topk(magnitude, k, sorted=False).indices] = True
     else:
-        mask = torch.ones(n, dtype=torch.float32, device=t.device)
+        mask = torch.ones(n, dtype=torch.bool, device=t.device)
         if k < n:
-            mask[torch.topk(magnitude, n - k, largest=False, sorted=False).indices] = 0
+            mask[torch.topk(magnitude, n - k, largest=False, sorted=False).indices] = False
     return mask.reshape(t.shape)
+
+
+def _top_kept(t: Tensor, density: float, k: Callable[[int], int]) -> _Kept:
+    if density >= 1:
+        return _Kept()
+    if density <= 0 or t.numel() == 0:
+        return _Kept(zero=True)
+    return _Kept(keep=_keep_largest(t, k(t.numel())))
+
+
+def _topmag_kept(t: Tensor, density: float) -> _Kept:
+    return _top_kept(t, density, lambda n: min(n, max(1, math.floor(density * n + 0.5))))
+
+
+def _magnitude_kept(t: Tensor, density: float) -> _Kept:
+    return _top_kept(t, density, lambda n: max(1, int(density * n)))
 
 
 def topmag(t: Tensor, density: float) -> Tensor:
@@ -193,22 +251,25 @@ def topmag(t: Tensor, density: float) -> Tensor:
     rather than vanishing. Equal magnitudes at the cut are broken by torch.topk (exactly k kept).
     """
     t = t.float()
-    if density >= 1:
-        return t.clone()
-    if density <= 0 or t.numel() == 0:
-        return torch.zeros_like(t)
-    k = min(t.numel(), max(1, math.floor(density * t.numel() + 0.5)))
-    return t * _keep_largest(t, k)
+    return _topmag_kept(t, density).tensor(t)
 
 
 def magnitude_prune(t: Tensor, density: float) -> Tensor:
     """TIES trim as mergekit: keep max(1, int(density * numel)) largest |entries| (floor, not round)."""
     t = t.float()
+    return _magnitude_kept(t, density).tensor(t)
+
+
+def _outlier_kept(t: Tensor, density: float, gamma: float) -> _Kept:
     if density >= 1:
-        return t.clone()
-    if density <= 0 or t.numel() == 0:
-        return torch.zeros_like(t)
-    return t * _keep_largest(t, max(1, int(density * t.numel())))
+        return _Kept()
+    n = t.numel()
+    keep = int(density * n)
+    n_bot = max(0, n - keep - int(gamma * n))
+    order = torch.sort(t.abs().reshape(-1), descending=False).indices
+    mask = torch.zeros(n, dtype=torch.bool, device=t.device)
+    mask[order[n_bot : n_bot + keep]] = True
+    return _Kept(keep=mask.reshape(t.shape))
 
 
 def outlier_prune(t: Tensor, density: float, gamma: float) -> Tensor:
@@ -217,15 +278,7 @@ def outlier_prune(t: Tensor, density: float, gamma: float) -> Tensor:
     top int(density*n) (it does not zero the tensor, unlike the older mergekit slice bug). int(density*n)
     may be 0 on a tiny tensor, which zeroes it, as in mergekit."""
     t = t.float()
-    if density >= 1:
-        return t.clone()
-    n = t.numel()
-    keep = int(density * n)
-    n_bot = max(0, n - keep - int(gamma * n))
-    order = torch.sort(t.abs().reshape(-1), descending=False).indices
-    mask = torch.zeros(n, dtype=torch.float32, device=t.device)
-    mask[order[n_bot : n_bot + keep]] = 1
-    return t * mask.reshape(t.shape)
+    return _outlier_kept(t, density, gamma).tensor(t)
 
 
 def _bernoulli_keep(t: Tensor, density: float, generator: torch.Generator) -> Tensor:
@@ -244,42 +297,52 @@ def _della_probs(t: Tensor, density: float, epsilon: float) -> Tensor:
     return (density - epsilon) + rank_norm * 2 * epsilon
 
 
-def _l1_rescale(t: Tensor, kept: Tensor, eps: float = 1e-7) -> Tensor:
+def _l1_kept(t: Tensor, kept: _Kept, scratch: Tensor | None, eps: float = 1e-7) -> _Kept:
     """mergekit's `rescale`: scale the kept part so its L1 norm equals the original's."""
-    before, after = t.abs().sum(), kept.abs().sum()
+    scratch = torch.empty_like(t) if scratch is None else scratch
+    before = torch.abs(t, out=scratch).sum()
+    built = kept.build(t, scratch)
+    after = torch.zeros((), device=t.device) if built is None else built.abs_().sum()
     if before < eps or after < eps:
         return kept
-    return kept * (before / after)
+    return _Kept(kept.keep, kept.probs, before / after)
 
 
-def _random_prune(t: Tensor, density: float, params: dict[str, Any], generator, della: bool) -> Tensor:
+def _random_kept(t: Tensor, density: float, params: dict[str, Any], generator, della: bool,
+                 scratch: Tensor | None) -> _Kept:
     if density >= 1:
-        return t  # mergekit draws nothing here either: keeps the RNG streams aligned
+        return _Kept()  # mergekit draws nothing here either: keeps the RNG streams aligned
     if della and density <= 0:
-        return torch.zeros_like(t)
+        return _Kept(zero=True)
     if della:
         probs = _della_probs(t, density, params["epsilon"])
-        mask = torch.bernoulli(probs, generator=generator).reshape(t.shape)
+        keep = torch.bernoulli(probs, generator=generator).reshape(t.shape).bool()
         probs = probs.reshape(t.shape)
     else:
-        mask = _bernoulli_keep(t, density, generator)
-        probs = torch.full_like(t, density)
-    kept = t * mask
+        keep = _bernoulli_keep(t, density, generator).bool()
+        probs = None
     if params.get("rescale_unbiased"):
-        return kept / probs.clamp_min(1e-12)
-    return _l1_rescale(t, kept) if params["rescale"] else kept
+        probs = torch.full_like(t, density) if probs is None else probs
+        return _Kept(keep, probs=probs.clamp_min(1e-12))
+    return _l1_kept(t, _Kept(keep), scratch) if params["rescale"] else _Kept(keep)
+
+
+def _sparsify_kept(kind: str | None, t: Tensor, density: float, params: dict[str, Any], generator,
+                   scratch: Tensor | None = None) -> _Kept:
+    """What `kind` keeps of t. `scratch` (t's shape, float32) is working space for the L1 rescale."""
+    if kind is None:
+        return _Kept()
+    if kind == "magnitude":
+        kept = _magnitude_kept(t, density)
+    elif kind == "outliers":
+        kept = _outlier_kept(t, density, params["gamma"])
+    else:
+        return _random_kept(t, density, params, generator, kind == "della", scratch)
+    return _l1_kept(t, kept, scratch) if params.get("rescale") and density < 1 else kept
 
 
 def _sparsify(kind: str | None, t: Tensor, density: float, params: dict[str, Any], generator) -> Tensor:
-    if kind is None:
-        return t
-    if kind == "magnitude":
-        kept = magnitude_prune(t, density)
-    elif kind == "outliers":
-        kept = outlier_prune(t, density, params["gamma"])
-    else:
-        return _random_prune(t, density, params, generator, della=kind == "della")
-    return _l1_rescale(t, kept) if params.get("rescale") and density < 1 else kept
+    return _sparsify_kept(kind, t, density, params, generator).tensor(t)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,32 +351,54 @@ def _sparsify(kind: str | None, t: Tensor, density: float, params: dict[str, Any
 
 @dataclass(frozen=True)
 class _TaskArithmetic:
-    """theta0 + lambda * mix(w_t * sparsify(tau_t)), mix = sum, or TIES disjoint sum when `elect`."""
+    """theta0 + lambda * mix(w_t * sparsify(tau_t)), mix = sum, or TIES disjoint sum when `elect`.
+
+    Streams over the experts, summing in expert order: the working set is three float32 tensors of the
+    base's size plus, for the sign election, one bool mask per expert; the task vectors are only read.
+    With up to 4 experts the sums are those of torch.stack(...).sum(0) bit for bit; with more, torch's
+    reduction reassociates some columns (by thread split), so the last bit may differ from a stacked sum."""
 
     sparsify: str | None  # None, "magnitude", "random", "outliers", "della"
     elect: bool  # TIES sign election ("sum" rule) and disjoint merge
 
     def __call__(self, base, deltas, *, weights, densities, params, generator) -> Tensor:
-        sparse = [_sparsify(self.sparsify, d, rho, params, generator) for d, rho in zip(deltas, densities)]
-        w = torch.tensor(weights, dtype=torch.float32, device=base.device).reshape(-1, *([1] * base.dim()))
-        weighted = torch.stack(sparse) * w
+        merged, scratch = torch.zeros_like(base), torch.empty_like(base)
+        kept = []
+        for tau, weight, density in zip(deltas, weights, densities):
+            part = _sparsify_kept(self.sparsify, tau, density, params, generator, scratch)
+            weighted = part.build(tau, scratch, weight)
+            if weighted is not None:
+                merged += weighted
+            if self.elect:
+                kept.append(part)
         if self.elect:
-            mask = _elect(weighted)
-            mixed = (weighted * mask).sum(dim=0)
-            divisor = _divisor((w * mask).sum(dim=0), (w.abs() * mask).sum(dim=0), params)
+            divisor = _disjoint(merged, deltas, weights, kept, params, scratch)
         else:
-            mixed = weighted.sum(dim=0)
+            w = torch.tensor(weights, dtype=torch.float32, device=base.device).reshape(-1, *([1] * base.dim()))
             divisor = _divisor(w.sum(dim=0), w.abs().sum(dim=0), params, tol=1e-8)
         if divisor is not None:
-            mixed = mixed / divisor
-        return base + mixed * params["lambda"]
+            merged /= divisor
+        return merged.mul_(params["lambda"]).add_(base)
 
 
-def _elect(weighted: Tensor) -> Tensor:
-    """TIES sign election on weighted deltas: s = +1 where sum_t D_t >= 0 else -1; mask D_t with sign s.
-    Zero entries (trimmed) have sign 0 and are never selected."""
-    majority = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0)
-    return (weighted.sign() == majority).float()
+def _disjoint(total: Tensor, deltas, weights, kept: list[_Kept], params, scratch: Tensor) -> Tensor | None:
+    """TIES sign election and disjoint sum, in place: `total` (sum_t D_t) becomes sum_t D_t [sign(D_t) = s]
+    with s = +1 where sum_t D_t >= 0 else -1 ("sum" rule, D_t = w_t * trim(tau_t)). Zero entries (trimmed)
+    have no sign and are never selected. Returns the divisor sum_t w_t m_t (see _divisor), or None."""
+    positive = total >= 0
+    total.zero_()
+    absolute = bool(params.get("normalize_abs"))
+    count = torch.zeros_like(total) if absolute or params["normalize"] else None
+    for i, (tau, weight) in enumerate(zip(deltas, weights)):
+        weighted = kept[i].build(tau, scratch, weight)
+        kept[i] = None  # free its mask
+        if weighted is None:
+            continue
+        agree = torch.where(positive, weighted > 0, weighted < 0)
+        total += weighted.mul_(agree)
+        if count is not None:  # w_t * m_t is exact: the order of rounding cannot differ
+            count.add_(agree, alpha=abs(weight) if absolute else weight)
+    return None if count is None else count.masked_fill_(count == 0, 1.0)
 
 
 def _divisor(signed: Tensor, absolute: Tensor, params: dict[str, Any], tol: float = 0.0) -> Tensor | None:
@@ -324,7 +409,6 @@ def _divisor(signed: Tensor, absolute: Tensor, params: dict[str, Any], tol: floa
     if not params["normalize"]:
         return None
     return torch.where(signed.abs() <= tol, 1.0, signed)
-
 
 # --------------------------------------------------------------------------------------------------
 # Other methods
@@ -373,9 +457,11 @@ def _consensus(base, deltas, *, weights, densities, params, generator) -> Tensor
 def _evo_merging(base, deltas, *, weights, densities, params, generator) -> Tensor:
     """Evo-Merging on full task vectors: theta0 + sum_t w_t TopMag(tau_t, d_t); no normalization,
     negative weights flip an expert's sign."""
-    merged = torch.zeros_like(base)
+    merged, scratch = torch.zeros_like(base), torch.empty_like(base)
     for w, d, rho in zip(weights, deltas, densities):
-        merged += w * topmag(d, rho)
+        weighted = _topmag_kept(d, rho).build(d, scratch, w)
+        if weighted is not None:
+            merged += weighted
     return base + merged
 
 
