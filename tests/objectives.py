@@ -32,3 +32,9 @@ def fails_on_negative(recipe: Recipe) -> dict[str, float]:
     if any(p.weight < 0 for p in recipe.experts.values()):
         raise ValueError("negative weight: merged weights hold NaN")
     return quadratic(recipe)
+
+
+def sleeps(recipe: Recipe) -> dict[str, float]:
+    """Like quadratic, after 3 s: longer than a test's candidate timeout."""
+    time.sleep(3.0)
+    return quadratic(recipe)

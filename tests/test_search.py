@@ -187,9 +187,9 @@ def test_classic_grid_baseline_runs_every_point_in_the_run_format(tmp_path, pool
     assert seen == set(expected)
 
 
-def test_timed_out_candidate_is_failed_and_its_worker_replaced(tmp_path, pool_spec, monkeypatch):
-    monkeypatch.setenv("EVOMERGE_TEST_DELAY", "3")  # the Ray workers inherit the driver's environment
+def test_timed_out_candidate_is_failed_and_its_worker_replaced(tmp_path, pool_spec):
     config = load_search_config(write_config(tmp_path / "s.yaml", pool_spec, budget=3, space="lorahub",
+                                             objective="tests.objectives:sleeps",
                                              optimizer={"type": "random"},
                                              workers={"count": 2, "timeout_s": 1.0}, references=False))
     run = search(config, tmp_path / "run")
