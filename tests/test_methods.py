@@ -268,3 +268,58 @@ def test_evomerge_only_flags_are_declared_and_off_by_default():
                 assert p.default is False
     assert get_method("ties").param("normalize_abs") is not None
     assert get_method("dare_ties").param("rescale_unbiased") is not None
+
+
+# ------------------------------------------------------------------------------------------------
+# The streamed TIES family against the stacked formulation it replaced (bit for bit, up to 4 experts)
+
+
+def _stacked_reference(method, base, deltas, weights, densities, params, generator):
+    """The task-arithmetic family written the direct way: stack, weight, elect, sum, normalize, scale."""
+    fn, params = method.fn, method._globals(params)
+    sparse = [M._sparsify(fn.sparsify, d, rho, params, generator) for d, rho in zip(deltas, densities)]
+    w = torch.tensor(weights).reshape(-1, *([1] * base.dim()))
+    weighted = torch.stack(sparse) * w
+    if fn.elect:
+        mask = (weighted.sign() == torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0)).float()
+        mixed = (weighted * mask).sum(dim=0)
+        divisor = M._divisor((w * mask).sum(dim=0), (w.abs() * mask).sum(dim=0), params)
+    else:
+        mixed = weighted.sum(dim=0)
+        divisor = M._divisor(w.sum(dim=0), w.abs().sum(dim=0), params, tol=1e-8)
+    return base + (mixed if divisor is None else mixed / divisor) * params["lambda"]
+
+
+STREAMED_CASES = [
+    ("task_arithmetic", {"normalize": True}), ("ties", {}), ("ties", {"normalize_abs": True, "lambda": 0.5}),
+    ("dare_linear", {}), ("dare_ties", {"rescale_unbiased": True}), ("dare_ties", {"normalize": True}),
+    ("breadcrumbs", {"gamma": 0.1}), ("breadcrumbs_ties", {"normalize": True}),
+    ("della", {"epsilon": 0.1}), ("della_linear", {"epsilon": 0.1, "rescale_unbiased": True}),
+]
+
+
+@pytest.mark.parametrize("name, params", STREAMED_CASES, ids=lambda x: x if isinstance(x, str) else "")
+@pytest.mark.parametrize("n_experts", [1, 2, 4])
+def test_streamed_merge_equals_stacked_reference_bitwise(name, params, n_experts):
+    g = gen(n_experts)
+    base = (torch.randn(48, 40, generator=g) * 0.02).bfloat16()
+    # bfloat16 experts: task vectors with many equal magnitudes (ties at the trim cut), exact zeros, -0.0
+    deltas = [torch.sub((base.float() + torch.randn(48, 40, generator=g) * 0.01).bfloat16(), base.float())
+              for _ in range(n_experts)]
+    deltas[0][:3] = -0.0
+    base = base.float()
+    weights = [1.0, -0.4, 0.3, 0.0][:n_experts]
+    densities = [0.3, 0.5, 1.0, 0.7][:n_experts]
+    method = get_method(name)
+    copies = [d.clone() for d in deltas]
+    out = method.merge(base, deltas, weights, densities, params, gen(5))
+    expected = _stacked_reference(method, base, copies, weights, densities, params, gen(5))
+    assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
+    assert all(torch.equal(d, c) for d, c in zip(deltas, copies))  # the task vectors are only read
+
+
+def test_sparsifier_masks_are_bool_and_exact():
+    kept = M._magnitude_kept(T, 0.5)
+    assert kept.keep.dtype == torch.bool and int(kept.keep.sum()) == 8
+    assert torch.equal(kept.tensor(T), T * kept.keep)
+    assert M._magnitude_kept(T, 0.0).zero and M._magnitude_kept(T, 1.0).keep is None
