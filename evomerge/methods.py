@@ -194,8 +194,8 @@ class _Kept:
             return torch.mul(tau, weight, out=out)
         if self.keep is None:
             out.copy_(tau)
-        else:
-            torch.mul(tau, self.keep, out=out)
+        else:  # keep * tau == tau * keep bit for bit; a float32 operand is ~3x faster than a bool one
+            out.copy_(self.keep).mul_(tau)
         if self.probs is not None:
             out.div_(self.probs)
         if self.scale is not None:
@@ -219,11 +219,11 @@ def _keep_largest(t: Tensor, k: int) -> Tensor:
     if 2 * k <= n:
         mask = torch.zeros(n, dtype=torch.bool, device=t.device)
         if k > 0:
-            mask[torch.topk(magnitude, k, sorted=False).indices] = True
+            mask.index_fill_(0, torch.topk(magnitude, k, sorted=False).indices, True)
     else:
         mask = torch.ones(n, dtype=torch.bool, device=t.device)
         if k < n:
-            mask[torch.topk(magnitude, n - k, largest=False, sorted=False).indices] = False
+            mask.index_fill_(0, torch.topk(magnitude, n - k, largest=False, sorted=False).indices, False)
     return mask.reshape(t.shape)
 
 
@@ -268,7 +268,7 @@ def _outlier_kept(t: Tensor, density: float, gamma: float) -> _Kept:
     n_bot = max(0, n - keep - int(gamma * n))
     order = torch.sort(t.abs().reshape(-1), descending=False).indices
     mask = torch.zeros(n, dtype=torch.bool, device=t.device)
-    mask[order[n_bot : n_bot + keep]] = True
+    mask.index_fill_(0, order[n_bot : n_bot + keep], True)
     return _Kept(keep=mask.reshape(t.shape))
 
 
@@ -385,18 +385,19 @@ def _disjoint(total: Tensor, deltas, weights, kept: list[_Kept], params, scratch
     """TIES sign election and disjoint sum, in place: `total` (sum_t D_t) becomes sum_t D_t [sign(D_t) = s]
     with s = +1 where sum_t D_t >= 0 else -1 ("sum" rule, D_t = w_t * trim(tau_t)). Zero entries (trimmed)
     have no sign and are never selected. Returns the divisor sum_t w_t m_t (see _divisor), or None."""
-    positive = total >= 0
+    sign = torch.where(total >= 0, 1.0, -1.0)
     total.zero_()
     absolute = bool(params.get("normalize_abs"))
     count = torch.zeros_like(total) if absolute or params["normalize"] else None
+    agree = torch.empty_like(total)  # float32 0/1: elementwise ops on bool operands are several times slower
     for i, (tau, weight) in enumerate(zip(deltas, weights)):
         weighted = kept[i].build(tau, scratch, weight)
         kept[i] = None  # free its mask
         if weighted is None:
             continue
-        agree = torch.where(positive, weighted > 0, weighted < 0)
-        total += weighted.mul_(agree)
-        if count is not None:  # w_t * m_t is exact: the order of rounding cannot differ
+        torch.mul(weighted, sign, out=agree).gt_(0)  # sign(D_t) == s; D_t * (+-1) is exact
+        total.addcmul_(weighted, agree)  # products with 0/1 are exact: same sums as D_t * m_t
+        if count is not None:
             count.add_(agree, alpha=abs(weight) if absolute else weight)
     return None if count is None else count.masked_fill_(count == 0, 1.0)
 
