@@ -260,6 +260,50 @@ def pool_table(kind: str, result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def comparisons(result: dict[str, Any]) -> str:
+    """The study's questions answered from the numbers (test mean -CE; EM in brackets)."""
+    rows = {r["method"]: r for r in result["rows"]}
+
+    def test(row) -> str:
+        return f"{_fmt(row['test_loss_mean'])} [EM {_fmt(row['test_em_mean'])}]"
+
+    neither = next(r for n, r in rows.items() if n.startswith("Evo-Merging, neither"))
+    ablation = [("both stages", rows[FULL]), ("scaling only", rows["scaling only"]),
+                ("denoising only", rows["denoising only"]), ("neither", neither), ("no sign flip", rows["no sign flip"])]
+    order = sorted(ablation, key=lambda kv: -kv[1]["test_loss_mean"][0])
+    paper = ["both stages", "scaling only", "denoising only", "neither"]
+    got = [k for k, _ in order if k in paper]
+    score = {k: r["test_loss_mean"][0] for k, r in ablation}
+    broken = [f"{a} {score[a]:.3f} vs {b} {score[b]:.3f}" for a, b in zip(paper, paper[1:]) if not score[a] > score[b]]
+    grid = [r for r in result["rows"] if r["kind"] == "grid"]
+    best_grid = max(grid, key=lambda r: r["val_mean"][0])
+    experts = [r for r in result["rows"] if r["method"].startswith("expert ")]
+    best_expert_val = max(experts, key=lambda r: r["val_mean"][0])
+    best_expert_test = max(experts, key=lambda r: r["test_loss_mean"][0])
+    merges = [r for r in result["rows"] if r["kind"] in ("usual", "grid", "searched")]
+    best_merge_val = max(merges, key=lambda r: r["val_mean"][0])
+    full_seeds = rows[FULL]["per_seed"]["test_loss_mean"]
+    lines = [
+        "- ablation, test mean -CE (higher is better), ordered: "
+        + " > ".join(f"{k} {_fmt(r['test_loss_mean'])}" for k, r in order),
+        f"  - the paper's order (both > scaling only > denoising only > neither) "
+        f"{'holds' if not broken else 'does not hold'} here"
+        f"{'' if not broken else ' (not strictly above: ' + '; '.join(broken) + ')'};"
+        f" both vs no sign flip: {rows[FULL]['test_loss_mean'][0] - rows['no sign flip']['test_loss_mean'][0]:+.3f}",
+        f"- full method {test(rows[FULL])} vs the best classic recipe chosen on validation,"
+        f" {best_grid['method']}: {test(best_grid)}; full method's seeds {', '.join(f'{v:.3f}' for v in full_seeds)}"
+        f" ({sum(v > best_grid['test_loss_mean'][0] for v in full_seeds)}/{len(full_seeds)} seeds above it)",
+        f"- base {test(rows['base'])}; best single expert on validation {best_expert_val['method']} {test(best_expert_val)}"
+        f" (best on test: {best_expert_test['method']} {test(best_expert_test)})",
+        f"- best merge on validation: {best_merge_val['method']} {test(best_merge_val)};"
+        f" plain average {test(rows['average (linear)'])}",
+        f"- merging beats the best single expert (chosen on validation) on the test mean -CE:"
+        f" {'yes' if best_merge_val['test_loss_mean'][0] > best_expert_val['test_loss_mean'][0] else 'no'};"
+        f" beats the base: {'yes' if best_merge_val['test_loss_mean'][0] > rows['base']['test_loss_mean'][0] else 'no'}",
+    ]
+    return "\n".join(lines)
+
+
 def write_markdown(out: Path, results: dict[str, Any], plots: dict[str, list[str]]) -> None:
     meta = results["meta"]
     parts = [
@@ -279,7 +323,8 @@ def write_markdown(out: Path, results: dict[str, Any], plots: dict[str, list[str
         "",
     ]
     for kind, result in results["pools"].items():
-        parts += [f"## {kind} pool ({', '.join(result['experts'])})", "", pool_table(kind, result), ""]
+        parts += [f"## {kind} pool ({', '.join(result['experts'])})", "", pool_table(kind, result), "",
+                  comparisons(result), ""]
         for plot in plots.get(kind, []):
             parts.append(f"![{Path(plot).stem}]({Path(plot).name})")
         parts.append("")
@@ -314,7 +359,8 @@ def best_so_far_plot(kind: str, result: dict[str, Any], path: Path) -> Path:
     neither = next(r for n, r in rows.items() if n.startswith("Evo-Merging, neither"))
     for row, style, label in ((best_grid, "--", f"best classic on val: {best_grid['method']}"),
                               (best_expert, ":", f"best single expert on val: {best_expert['method']}"),
-                              (neither, "-.", "neither stage (density 1, weight 1/N)")):
+                              (neither, "-.", "neither stage (density 1, weight 1/N)"),
+                              (rows["base"], (0, (1, 4)), "base")):
         ax.axhline(-row["val_mean"][0], color="grey", linestyle=style, label=label)
     ax.set_xlabel("evaluations")
     ax.set_ylabel("best validation mean CE so far (lower is better)")
@@ -353,6 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2, help="Ray CPU workers")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the in-process test scoring")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny zoo, budget 12, 1 seed")
+    parser.add_argument("--report-only", action="store_true", help="rewrite study.md and the plots from OUT/study.json")
     args = parser.parse_args(argv)
     quick_root = Path("/tmp/evomerge-study-quick")
     size = "tiny" if args.quick else "small"
@@ -362,6 +409,15 @@ def main(argv: list[str] | None = None) -> None:
     args.seeds = args.seeds or (1 if args.quick else 3)
     args.budget = args.budget or (12 if args.quick else 200)
     out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        results = json.loads((out / "study.json").read_text())
+        plots = {kind: make_plots(kind, result, out) for kind, result in results["pools"].items()}
+        findings = out / "findings.md"
+        if findings.is_file():
+            results["findings"] = findings.read_text().strip()
+        (out / "study.json").write_text(json.dumps(results, indent=1) + "\n")
+        write_markdown(out, results, plots)
+        return
     started = time.perf_counter()
 
     def log(message: str) -> None:
