@@ -1,4 +1,6 @@
-"""Config files: a merge config (`evomerge merge`) is an evomerge recipe with its pool, or a mergekit YAML.
+"""Config files: a merge config (`evomerge merge`) and a search config (`evomerge search`).
+
+A merge config (`evomerge merge`) is an evomerge recipe with its pool, or a mergekit YAML.
 
 evomerge form (paths relative to the config file):
 
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from evomerge.errors import ConfigError
 from evomerge.pool import Pool
@@ -53,7 +57,6 @@ def open_pool(spec: dict[str, Any]) -> Pool:
 
 
 # ---- search config ----------------------------------------------------------------------------
-from pydantic import BaseModel, ConfigDict, Field, ValidationError  # noqa: E402
 
 
 class _Strict(BaseModel):
