@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.methods import get_method, lowrank_lora_merge, topmag
-from evomerge.pool import LoraFactors, Pool
+from evomerge.pool import LoraFactors, Pool, all_finite
 from evomerge.recipe import Recipe
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -160,7 +160,7 @@ def iter_merged(recipe: Recipe, pool: Pool, device: str = "cpu",
         tensor = merge_tensor(recipe, name, source)
         if tensor is None:
             return source.base(name)
-        if not _all_finite(tensor):
+        if not all_finite(tensor):
             raise EvomergeError(f"merged tensor {name} holds NaN/Inf (recipe {recipe.id})")
         return tensor
 
@@ -192,13 +192,6 @@ def iter_merged(recipe: Recipe, pool: Pool, device: str = "cpu",
                 pending.append((name, pool_.submit(merged, name)))
     finally:
         pool_.shutdown(wait=True, cancel_futures=True)
-
-
-def _all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN/Inf: a sum (one read, no mask) is finite when every entry is; check exactly if not."""
-    if not tensor.is_floating_point():
-        return True
-    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def merge_state_dict(recipe: Recipe, pool: Pool, device: str = "cpu", dtype: str | None = None) -> dict[str, torch.Tensor]:
@@ -463,7 +456,7 @@ class ResidentMerger:
             direct = (linear is not None and target.dtype == torch.float32 and target.is_contiguous()
                       and target.device == self.source.device and target.shape == self.source._base[name].shape)
             tensor = self._merge_one(recipe, name, linear, out=target if direct else None)
-            if not _all_finite(tensor):
+            if not all_finite(tensor):
                 raise EvomergeError(f"merged tensor {name} holds NaN/Inf (recipe {recipe.id})")
             if not direct:
                 target.copy_(tensor)

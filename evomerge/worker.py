@@ -83,10 +83,10 @@ class Worker:
 
 
 def _finite_or_raise(named: list, recipe: Recipe) -> list:
-    import torch
+    from evomerge.pool import all_finite
 
     for name, tensor in named:
-        if not torch.isfinite(tensor).all():
+        if not all_finite(tensor):
             raise ValueError(f"merged tensor {name} holds NaN/Inf (recipe {recipe.id})")
     return named
 
