@@ -8,8 +8,9 @@ full pool with N CPU workers, scored on the validation loss suite, no references
 
 - startup, reported apart: `ray.init` (the local cluster) and the workers' start (Ray actors,
   pool and model loading, evaluator warm-up: until every worker answers `info`);
-- the loop: the rest of `Search.execute` (every stage, until the budget is spent); stopping the
-  workers is excluded too.
+- the loop: from every worker ready to the workers' stop (every stage, until the budget is
+  spent); what `Search.execute` does before and after it (restore, status, Pareto front) and
+  stopping the workers are reported apart too.
 
 overhead = 1 - (sum over candidates of the evaluator's seconds, `seconds.eval` in
 evaluations.jsonl) / N / (loop wall time). Goal: <= 10%. What the rest is made of, per worker
@@ -81,8 +82,10 @@ class TimedSearch(Search):
 
     def _start_workers(self) -> None:
         self._time("startup: workers (actors, pool + model load)", super()._start_workers)
+        self.loop_started = time.time()
 
     def _stop_workers(self) -> None:
+        self.loop_ended = time.time()
         self._time("shutdown: kill workers", super()._stop_workers)
 
     def _make_optimizer(self, *args, **kwargs):
@@ -128,7 +131,8 @@ def measure(zoo: Path, budget: int, workers: int, space: str, pool: str, run_dir
     evaluations = run.evaluations()
     s = search.seconds
     startup = s["startup: workers (actors, pool + model load)"]
-    loop = s["execute"] - startup - s["shutdown: kill workers"]
+    loop = search.loop_ended - search.loop_started  # workers ready .. workers stopped
+    outside = s["execute"] - startup - s["shutdown: kill workers"] - loop  # restore, status, Pareto
     eval_s = sum(e.seconds["eval"] for e in evaluations if e.seconds)
     merge_s = sum(e.seconds.get("merge", 0.0) for e in evaluations if e.seconds)
     in_flight = sum(sp["collected"] - sp["dispatched"] for sp in search.spans)
@@ -139,6 +143,19 @@ def measure(zoo: Path, budget: int, workers: int, space: str, pool: str, run_dir
         "in flight, not merging/evaluating (Ray round trip, result waiting for the driver)": (in_flight - eval_s - merge_s) / capacity,
         "worker idle (no candidate: driver busy, or the generation's last candidate running)": (capacity - in_flight) / capacity,
     }
+    turnaround, waiting = 0.0, 0.0  # idle gaps per worker: short (driver turnaround) or long (a barrier)
+    for index in range(workers):
+        spans = sorted((sp for sp in search.spans if sp["worker"] == index), key=lambda sp: sp["dispatched"])
+        edges = [search.loop_started] + [t for sp in spans for t in (sp["dispatched"], sp["collected"])] + [search.loop_ended]
+        for free, busy in zip(edges[::2], edges[1::2]):
+            gap = max(0.0, busy - free)
+            if gap < 0.1:
+                turnaround += gap
+            else:
+                waiting += gap
+    shares["  of which short gaps < 0.1 s (driver turnaround: log, tell, ask, checkpoint, dispatch)"] = turnaround / capacity
+    shares["  of which long gaps >= 0.1 s (waiting for the generation's / stage's last candidate)"] = waiting / capacity
+    merge_per = [e.seconds.get("merge", 0.0) for e in evaluations if e.seconds]
     driver = {k: {"seconds": round(v, 3), "calls": search.calls[k], "share_of_loop": v / loop}
               for k, v in sorted(s.items()) if k.startswith("driver")}
     per_eval = [e.seconds["eval"] for e in evaluations if e.seconds]
@@ -146,9 +163,11 @@ def measure(zoo: Path, budget: int, workers: int, space: str, pool: str, run_dir
         "zoo": str(zoo), "pool": pool, "space": space, "budget": budget, "workers": workers, "cores": cores,
         "evaluations": len(evaluations), "failed": sum(not e.ok for e in evaluations),
         "startup_seconds": {"ray.init": ray_init, "workers (actors + model load)": startup,
-                            "shutdown (kill workers)": s["shutdown: kill workers"]},
+                            "shutdown (kill workers)": s["shutdown: kill workers"],
+                            "before/after the loop (restore, status, Pareto front)": outside},
         "loop_seconds": loop, "sum_eval_seconds": eval_s, "sum_merge_seconds": merge_s,
         "eval_seconds_per_candidate": {"median": statistics.median(per_eval), "mean": statistics.fmean(per_eval)},
+        "merge_seconds_per_candidate": {"median": statistics.median(merge_per), "mean": statistics.fmean(merge_per)},
         "overhead": 1 - eval_s / capacity, "shares": shares, "driver": driver,
         "load_average_after": os.getloadavg(),
     }
@@ -163,7 +182,8 @@ def report(result: dict) -> str:
         "",
         f"loop wall {result['loop_seconds']:.1f} s for {result['evaluations']} evaluations "
         f"({result['failed']} failed); sum of evaluator seconds {result['sum_eval_seconds']:.1f} s "
-        f"(median {result['eval_seconds_per_candidate']['median']:.3f} s per candidate), / {result['workers']} workers "
+        f"(median {result['eval_seconds_per_candidate']['median']:.3f} s per candidate; merge median "
+        f"{result['merge_seconds_per_candidate']['median']:.3f} s), / {result['workers']} workers "
         f"= {result['sum_eval_seconds'] / result['workers']:.1f} s",
         "",
         f"**overhead = 1 - {result['sum_eval_seconds'] / result['workers']:.1f} / {result['loop_seconds']:.1f} "
