@@ -299,7 +299,8 @@ def comparisons(result: dict[str, Any]) -> str:
         f" plain average {test(rows['average (linear)'])}",
         f"- merging beats the best single expert (chosen on validation) on the test mean -CE:"
         f" {'yes' if best_merge_val['test_loss_mean'][0] > best_expert_val['test_loss_mean'][0] else 'no'};"
-        f" beats the base: {'yes' if best_merge_val['test_loss_mean'][0] > rows['base']['test_loss_mean'][0] else 'no'}",
+        f" beats the base: {'yes' if best_merge_val['test_loss_mean'][0] > rows['base']['test_loss_mean'][0] else 'no'}"
+        f" ({best_merge_val['test_loss_mean'][0] - rows['base']['test_loss_mean'][0]:+.3f})",
     ]
     return "\n".join(lines)
 
