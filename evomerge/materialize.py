@@ -87,6 +87,10 @@ class TensorSource:
     def base(self, name: str) -> torch.Tensor:
         return self.pool.base_tensor(name).to(self.device, torch.float32)
 
+    def topmag_deltas(self, experts, name, deltas, densities):
+        """Evo-Merging's TopMag inputs; a streamed merge lets the method sparsify as it goes."""
+        return deltas, densities
+
     def delta(self, expert: str, name: str, base: torch.Tensor) -> torch.Tensor | None:
         entry = self.pool.experts[expert]
         if entry.kind == "lora":
@@ -115,8 +119,11 @@ def merge_tensor(recipe: Recipe, name: str, source: TensorSource) -> torch.Tenso
     if all(delta is None for delta in deltas):
         return None
     deltas = [torch.zeros_like(base) if delta is None else delta for delta in deltas]
+    densities = list(plan.densities)
+    if recipe.method == "evo_merging":
+        deltas, densities = source.topmag_deltas(experts, name, deltas, densities)
     generator = tensor_generator(recipe.seed, name, source.device)
-    return get_method(recipe.method).merge(base, deltas, list(plan.weights), list(plan.densities),
+    return get_method(recipe.method).merge(base, deltas, list(plan.weights), densities,
                                            dict(plan.parameters), generator)
 
 
@@ -325,6 +332,7 @@ class ResidentSource(TensorSource):
         self._stacked: dict[str, torch.Tensor] = {}
         self._deltas: dict[tuple[str, str], torch.Tensor] = {}
         self._factors: dict[tuple[str, str], LoraFactors] = {}
+        self._topmag: dict[tuple[str, str], tuple[float, torch.Tensor]] = {}
         for name in pool.tensor_names():
             if not pool.touched(name):
                 continue
@@ -351,6 +359,19 @@ class ResidentSource(TensorSource):
 
     def factors(self, expert: str, name: str) -> LoraFactors | None:
         return self._factors.get((expert, name))
+
+    def topmag_deltas(self, experts, name, deltas, densities):
+        """TopMag(tau, density) from a memo of the last density per (expert, tensor): Evo-Merging's
+        stage 2 fixes the densities, so its candidates re-merge without re-sorting any tensor.
+        The sparsified task vector at density 1 keeps every entry, so the method gets densities 1."""
+        sparsified = []
+        for expert, delta, density in zip(experts, deltas, densities):
+            key = (expert, name)
+            memo = self._topmag.get(key)
+            if memo is None or memo[0] != density:
+                memo = self._topmag[key] = (density, topmag(delta, density))
+            sparsified.append(memo[1])
+        return sparsified, [1.0] * len(sparsified)
 
     def held(self) -> list[torch.Tensor]:
         """Every resident tensor once (a delta is a view into its stack)."""

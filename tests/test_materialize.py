@@ -228,3 +228,16 @@ def test_mergekit_out_dtype_is_the_output_dtype(tmp_path):
     config.write_text("merge_method: linear\nbase_model: a\nmodels: [{model: b}]\ndtype: float32\nout_dtype: bfloat16\n")
     r, _ = load_merge_config(config)
     assert r.dtype == "bfloat16"
+
+
+def test_resident_evo_merging_reuses_masks_when_densities_repeat(full_pool):
+    """Evo-Merging's stage 2 keeps densities fixed: the memoized TopMag must merge the same tensors."""
+    spec, pool = full_pool
+    model = AutoModelForCausalLM.from_pretrained(spec["base"])
+    merger = ResidentMerger(pool)
+    for weights in [(0.5, -0.3, 0.8), (1.2, 0.1, -0.7), (0.5, -0.3, 0.8)]:
+        r = recipe("evo_merging", weights=weights, densities=(0.6, 0.3, 0.9))
+        merger.apply(r, model)
+        live = model.state_dict()
+        for name, tensor in merge_state_dict(r, pool).items():
+            assert torch.equal(live[name], tensor), name
