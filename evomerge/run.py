@@ -148,7 +148,12 @@ class Run:
 
     # ---- reading results ------------------------------------------------------------------
     def best(self, n: int = 1) -> list[Evaluation]:
+        """The lowest objectives of the latest stage that has results: a later stage builds on the
+        earlier ones' best, and stages' objectives carry different L1 terms, so they do not compare."""
         done = [e for e in self.evaluations() if e.ok]
+        if done:
+            last = max(e.stage for e in done)
+            done = [e for e in done if e.stage == last]
         return sorted(done, key=lambda e: e.objective)[:n]
 
     def get(self, candidate_id: int) -> Evaluation:

@@ -56,6 +56,7 @@ def test_search_records_every_evaluation_and_the_front(tmp_path, pool_spec):
     pareto = json.loads((run.path / "pareto.json").read_text())
     assert pareto["front"] and pareto["hypervolume"] > 0
     assert run.status()["state"] == "finished"
+    assert run.best(1)[0] == min(stage1, key=lambda e: e.objective)  # the last stage's best is the answer
     assert set(json.loads((run.path / "references.json").read_text())) == {"base", "expert0", "expert1", "expert2"}
     saved = yaml.safe_load((run.path / "config.yaml").read_text())
     assert saved["pool"]["base"] == pool_spec["base"]
