@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from evomerge.errors import ConfigError
+from evomerge.recipe import Recipe
 
 LAMBDAS_TA = [round(0.1 * i, 1) for i in range(1, 11)]
 LAMBDAS = [0.5, 1.0, 1.5]
@@ -48,3 +49,12 @@ def classic_grid(space) -> list[list[float]]:
                 x[i] = lam
         points.append(x.tolist())
     return points
+
+
+def reference_recipes(experts: list[str]) -> dict[str, Recipe]:
+    """The base (every weight 0) and each expert alone (its weight 1), as recipes, keyed "base" and
+    by expert name: every run reads its candidates against these."""
+    def only(name: str | None) -> Recipe:
+        return Recipe(method="evo_merging", experts={e: {"weight": float(e == name), "density": 1.0} for e in experts})
+
+    return {"base": only(None), **{name: only(name) for name in experts}}

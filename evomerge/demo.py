@@ -13,6 +13,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from evomerge.baselines import reference_recipes
 from evomerge.config import SearchConfig, WorkersConfig, open_pool, resolve_pool_spec
 from evomerge.recipe import Recipe
 
@@ -33,14 +34,6 @@ def classic_recipes(experts: list[str]) -> dict[str, Recipe]:
         "TIES (density 0.5)": uniform("ties", 0.5),
         "DARE-TIES (density 0.5)": uniform("dare_ties", 0.5),
     }
-
-
-def reference_recipes(experts: list[str]) -> dict[str, Recipe]:
-    """The base (all weights 0) and each expert alone (weight 1), as recipes."""
-    def only(name: str | None) -> Recipe:
-        return Recipe(method="evo_merging", experts={n: {"weight": float(n == name)} for n in experts})
-
-    return {"base": only(None), **{f"expert {n}": only(n) for n in experts}}
 
 
 def demo_config(zoo_dir: Path, budget: int, workers: int) -> SearchConfig:
@@ -74,7 +67,8 @@ def compare_on_test(config: SearchConfig, found: dict[str, Recipe], console: Con
     from evomerge.worker import Worker
 
     experts = open_pool(config.pool).names
-    recipes = {**reference_recipes(experts), **classic_recipes(experts), **found}
+    references = {("base" if name == "base" else f"expert {name}"): r for name, r in reference_recipes(experts).items()}
+    recipes = {**references, **classic_recipes(experts), **found}
     worker = Worker(config.pool, str(TEST_SUITE), config.backend)
     results = {name: worker.evaluate(recipe.model_dump(mode="json")) for name, recipe in recipes.items()}
     tasks = sorted(next(r for r in results.values() if r["status"] == "ok")["scores"])

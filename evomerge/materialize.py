@@ -96,8 +96,7 @@ class TensorSource:
         if entry.kind == "lora":
             factors = self.factors(expert, name)
             return None if factors is None else factors.scaling * (factors.B @ factors.A)
-        # one kernel: the expert's stored dtype is promoted to float32 by the subtraction
-        return torch.sub(entry.files.get(name).to(self.device), base)
+        return self.pool.task_vector(expert, name, base)
 
     def factors(self, expert: str, name: str) -> LoraFactors | None:
         found = self.pool.lora_factors(expert, name)

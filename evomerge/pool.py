@@ -223,8 +223,9 @@ class Pool:
             if factors is None:
                 return None
             return factors.scaling * (factors.B.float() @ factors.A.float())
-        base = self.base.get(name) if base is None else base
-        return entry.files.get(name).float() - base.float()
+        base = self.base.get(name).float() if base is None else base
+        # one kernel, on base's device: the stored dtype is promoted to float32 by the subtraction
+        return torch.sub(entry.files.get(name).to(base.device), base.float())
 
     def lora_factors(self, expert: str, name: str) -> LoraFactors | None:
         return self.experts[expert].factors(name)

@@ -273,10 +273,9 @@ class Search:
         """The base and each expert, scored on the same suite by the same workers."""
         import ray
 
-        recipes = {"base": Recipe(method="evo_merging", experts={n: {"weight": 0.0} for n in self.expert_names})}
-        for name in self.expert_names:
-            recipes[name] = Recipe(method="evo_merging",
-                                   experts={n: {"weight": 1.0 if n == name else 0.0} for n in self.expert_names})
+        from evomerge.baselines import reference_recipes
+
+        recipes = reference_recipes(self.expert_names)
         refs = {}
         for i, (name, recipe) in enumerate(recipes.items()):
             refs[name] = self.workers[i % len(self.workers)].evaluate.remote(recipe.model_dump(mode="json"))

@@ -46,6 +46,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout
 
+from evomerge.baselines import reference_recipes  # noqa: E402
 from evomerge.config import SearchConfig, WorkersConfig, open_pool, resolve_pool_spec  # noqa: E402
 from evomerge.recipe import Recipe  # noqa: E402
 from evomerge.run import REFERENCES, Run  # noqa: E402
@@ -96,13 +97,6 @@ def usual_recipes(experts: list[str], kind: str) -> dict[str, Recipe]:
             method="evo_merging", experts={e: {"weight": 1.0 / n, "density": 1.0} for e in experts},
             lora_merge="lowrank" if kind == "lora" else "dense"),
     }
-
-
-def reference_recipes(experts: list[str]) -> dict[str, Recipe]:
-    def only(name: str | None) -> Recipe:
-        return Recipe(method="evo_merging", experts={e: {"weight": float(e == name), "density": 1.0} for e in experts})
-
-    return {"base": only(None), **{f"expert {e}": only(e) for e in experts}}
 
 
 # ---- running ----------------------------------------------------------------------------------
@@ -210,6 +204,7 @@ def run_pool(kind: str, zoo: Path, args, runs: Path, log) -> dict[str, Any]:
     started = time.perf_counter()
     scorer = Scorer(pool_spec, threads=args.threads)
     for name, recipe in reference_recipes(experts).items():
+        name = name if name == "base" else f"expert {name}"
         rows.append(summarize(scorer, name, "reference", [recipe.model_dump(mode="json")], None, None, "-"))
     for name, recipe in usual_recipes(experts, kind).items():
         rows.append(summarize(scorer, name, "usual", [recipe.model_dump(mode="json")], None, None, name))
