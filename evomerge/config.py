@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, validation_message
 from evomerge.pool import Pool
 from evomerge.recipe import Recipe, is_mergekit_config, load_yaml_file, recipe_from_mergekit
 
@@ -116,8 +116,5 @@ def load_search_config(path: Path, **overrides: Any) -> SearchConfig:
     try:
         config = SearchConfig.model_validate(data)
     except ValidationError as error:
-        problem = error.errors()[0]
-        location = ".".join(str(p) for p in problem["loc"])
-        message = "unknown key (typo?)" if problem["type"] == "extra_forbidden" else problem["msg"]
-        raise ConfigError(f"{path}: {location}: {message}") from None
+        raise ConfigError(f"{path}: {validation_message(error)}") from None
     return config.resolved(path.parent).check(str(path))

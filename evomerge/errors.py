@@ -15,3 +15,16 @@ class PoolError(EvomergeError):
 
 class ConfigError(EvomergeError):
     """A config, recipe, suite or search space is malformed."""
+
+
+def validation_message(error, limit: int = 1) -> str:
+    """A pydantic ValidationError as one line: "key.path: what is wrong" for its first problems;
+    a key the model does not have is called out as a probable typo."""
+    parts = []
+    for problem in error.errors()[:limit]:
+        location = ".".join(str(part) for part in problem["loc"])
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key (typo?)"
+        parts.append(f"{location}: {message}" if location else message)
+    return "; ".join(parts)

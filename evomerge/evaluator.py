@@ -31,7 +31,7 @@ import jinja2.meta
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, validation_message
 
 OutputType = Literal["loss", "generate_until", "multiple_choice"]
 MetricName = Literal["loss", "exact_match", "regex", "contains", "acc", "acc_norm"]
@@ -146,17 +146,6 @@ class Suite(_Strict):
 # ---- loading and checking -----------------------------------------------------------------------
 
 
-def _pydantic_line(error: ValidationError) -> str:
-    parts = []
-    for item in error.errors()[:3]:
-        where = ".".join(str(p) for p in item["loc"])
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            message = "unknown key (typo?)"
-        parts.append(f"{where}: {message}" if where else message)
-    return "; ".join(parts)
-
-
 def read_jsonl(path: Path) -> list[dict]:
     """Read a JSONL file; a bad line is one error naming file:line."""
     if not path.is_file():
@@ -204,7 +193,7 @@ def suite_from_dict(
     try:
         suite = Suite.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(f"{name}: {_pydantic_line(error)}") from None
+        raise ConfigError(f"{name}: {validation_message(error, limit=3)}") from None
     seen = set()
     for task in suite.tasks:
         if task.task in seen:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, validation_message
 
 MODULE_FILTERS = {
     # Llama/Mistral/Qwen naming; a filter that is not one of these keys is a regex on tensor names.
@@ -144,7 +144,7 @@ class Recipe(_Frozen):
         try:
             return cls.model_validate(data)
         except ValidationError as error:
-            raise ConfigError(f"{where}: {_first_problem(error)}") from None
+            raise ConfigError(f"{where}: {validation_message(error)}") from None
 
     @classmethod
     def from_yaml(cls, text: str, where: str = "recipe") -> "Recipe":
@@ -152,15 +152,6 @@ class Recipe(_Frozen):
 
     def save(self, path: Path) -> None:
         path.write_text(self.to_yaml())
-
-
-def _first_problem(error: ValidationError) -> str:
-    problem = error.errors()[0]
-    location = ".".join(str(part) for part in problem["loc"]) or "(top level)"
-    message = problem["msg"]
-    if problem["type"] == "extra_forbidden":
-        message = "unknown key (typo?)"
-    return f"{location}: {message}"
 
 
 def load_yaml_text(text: str, where: str) -> Any:

@@ -36,7 +36,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, validation_message
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "searchspaces"
 EXPERT_PARAMS = ("weight", "density")  # the per-expert fields a Recipe holds (ExpertParams)
@@ -471,10 +471,7 @@ def load_space(
     try:
         spec = SpaceSpec.model_validate(data)
     except ValidationError as error:
-        problem = error.errors()[0]
-        location = ".".join(str(p) for p in problem["loc"]) or "(top level)"
-        message = "unknown key (typo?)" if problem["type"] == "extra_forbidden" else problem["msg"]
-        raise ConfigError(f"{where}: {location}: {message}") from None
+        raise ConfigError(f"{where}: {validation_message(error)}") from None
     return SearchSpace(spec, experts, n_layers, where)
 
 
