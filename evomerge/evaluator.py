@@ -28,10 +28,10 @@ from typing import Any, Callable, Literal, Optional, Union
 
 import jinja2
 import jinja2.meta
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from evomerge.errors import ConfigError, validation_message
+from evomerge.recipe import load_yaml_text
 
 OutputType = Literal["loss", "generate_until", "multiple_choice"]
 MetricName = Literal["loss", "exact_match", "regex", "contains", "acc", "acc_norm"]
@@ -172,10 +172,7 @@ def load_suite(path: str | Path, *, limit: Optional[int] = None) -> Suite:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"suite {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise ConfigError(f"suite {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    raw = load_yaml_text(path.read_text(encoding="utf-8"), f"suite {path}")
     suite = suite_from_dict(raw, base_dir=path.parent, name=str(path), limit=limit)
     suite._path = path
     return suite

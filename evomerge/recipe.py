@@ -161,7 +161,7 @@ def load_yaml_text(text: str, where: str) -> Any:
         mark = getattr(error, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ConfigError(f"{where}{line}: invalid YAML: {problem}") from None
+        raise ConfigError(f"{where}{line}: not valid YAML: {problem}") from None
 
 
 def load_yaml_file(path: Path) -> Any:

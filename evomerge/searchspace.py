@@ -486,7 +486,7 @@ def _resolve(data: dict[str, Any], where: str, depth: int = 0) -> tuple[dict[str
 
 
 def _read_spec(space: str | Path, depth: int = 0) -> tuple[dict[str, Any], str]:
-    import yaml
+    from evomerge.recipe import load_yaml_text
 
     text = str(space)
     path = Path(text)
@@ -498,10 +498,7 @@ def _read_spec(space: str | Path, depth: int = 0) -> tuple[dict[str, Any], str]:
             raise ConfigError(f"unknown search space {text!r};{hint} presets: {', '.join(presets())} (or a .yaml path)")
     if not path.is_file():
         raise ConfigError(f"{path}: no such search space file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: invalid YAML: {str(error).splitlines()[0]}") from None
+    data = load_yaml_text(path.read_text(), str(path))
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a search space is a mapping (method, genes, stages, ...)")
     where = f"searchspaces/{path.name}" if path.parent == PRESETS_DIR else str(path)
