@@ -1,9 +1,12 @@
 """The demo zoo: a base model and a pool of experts built from nothing on a CPU in seconds.
 
-`build_zoo(out, size)` trains a small Llama-architecture model on a mix of the synthetic tasks of
-`evomerge.zoo_tasks` (briefly, so that it is mediocre at each), then for each task one full
-fine-tune and one LoRA adapter (long and hot enough that each expert forgets the other tasks),
-scores everything, and writes:
+`build_zoo(out, size)` pre-trains a small Llama-architecture model on `copy` (the answer format and
+every character, none of the four skills of `evomerge.zoo_tasks`), then for each task one full
+fine-tune and one LoRA adapter on that task with the pre-training mix replayed (one batch row in
+`expert_replay + 1`). Each expert learns its task and is the best model on it; their task vectors
+interfere, so the average of the experts is far from each expert on its own task but better than
+the base on the mean: merging is a real, winnable problem. The build checks that last property
+(`check_mergeable`) and refuses to write a zoo without it. It scores everything and writes:
 
     OUT/base/                 config.json, model.safetensors, tokenizer (tokenizer.json + config),
                               generation_config.json
@@ -14,6 +17,8 @@ scores everything, and writes:
     OUT/pool-full.yaml        base: base, experts: {task: full/<task>}  (paths relative to the YAML)
     OUT/pool-lora.yaml        base: base, experts: {task: lora/<task>}
     OUT/scores.json           {"meta": ..., "scores": {model: {task: {"val_loss", "test_acc"}}}}
+                              models: base, full/<task>, lora/<task>, and average/full and
+                              average/lora (the plain average of each pool's experts)
 
 The zoo is built in a temporary directory beside OUT and renamed into place at the end, so OUT is
 either absent or complete. If OUT already holds a complete zoo of the same size and seed it is
@@ -43,7 +48,7 @@ from evomerge.zoo_tasks import ALPHABET, PRETRAIN_MIX, TASKS, eval_splits, train
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ZOO_FORMAT = 1
+ZOO_FORMAT = 2  # 2: copy pre-training, replay while fine-tuning, average rows
 
 
 @dataclass(frozen=True)
@@ -61,15 +66,16 @@ class ZooSize:
     full_lr: float
     lora_steps: int
     lora_lr: float
+    expert_replay: int  # own-task batch rows per pre-training row while fine-tuning an expert
 
 
 SIZES = {
     "tiny": ZooSize(hidden=64, layers=2, heads=4, intermediate=128, batch=64,
-                    base_steps=250, base_lr=3e-3, full_steps=80, full_lr=1.5e-3,
-                    lora_steps=80, lora_lr=5e-3),
+                    base_steps=250, base_lr=3e-3, full_steps=80, full_lr=2e-3,
+                    lora_steps=80, lora_lr=1e-2, expert_replay=2),
     "small": ZooSize(hidden=128, layers=4, heads=4, intermediate=256, batch=64,
-                     base_steps=400, base_lr=3e-3, full_steps=160, full_lr=3e-3,
-                     lora_steps=160, lora_lr=1e-2),
+                     base_steps=500, base_lr=3e-3, full_steps=150, full_lr=1e-3,
+                     lora_steps=150, lora_lr=1e-2, expert_replay=2),
 }
 
 
@@ -281,6 +287,9 @@ def _existing(out: Path, size: str, seed: int) -> dict | None:
         meta = table.get("meta", {})
         if meta.get("size") == size and meta.get("seed") == seed and meta.get("format") == ZOO_FORMAT:
             return table
+        if meta.get("format") != ZOO_FORMAT:
+            raise EvomergeError(f"{out} holds a zoo of an older format ({meta.get('format')}, now {ZOO_FORMAT}); "
+                                "delete it and build again")
         raise EvomergeError(
             f"{out} already holds a zoo built with size={meta.get('size')!r} seed={meta.get('seed')!r}; "
             f"delete it or choose another directory to build size={size!r} seed={seed!r}"
@@ -354,6 +363,50 @@ def scores_markdown(table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def expert_mix(task: str, spec: ZooSize) -> list[str]:
+    """The batch mix of an expert's fine-tune: its task, with the pre-training mix replayed so
+    that the expert keeps what the base knows (the format, every character)."""
+    return [task] * spec.expert_replay + list(PRETRAIN_MIX)
+
+
+class _RunningMean:
+    """The element-wise mean of state dicts, added one at a time (one expert in memory at once)."""
+
+    def __init__(self):
+        self.total: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, state: dict[str, torch.Tensor]) -> None:
+        for key, value in state.items():
+            self.total[key] = self.total.get(key, 0) + value.detach().double()
+        self.count += 1
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        return {key: (value / self.count).float() for key, value in self.total.items()}
+
+
+def _mean_loss(row: dict[str, dict[str, float]], tasks: list[str]) -> float:
+    return sum(row[t]["val_loss"] for t in tasks) / len(tasks)
+
+
+def check_mergeable(scores: dict, tasks: list[str]) -> None:
+    """Refuse a zoo where merging is not a winnable problem: in each pool every expert must be the
+    best model on its own task (the experts specialize), and the plain average of the experts must
+    beat the base on the mean validation loss (their task vectors combine at all)."""
+    base = _mean_loss(scores["base"], tasks)
+    for kind in ("full", "lora"):
+        models = ["base", *(f"{kind}/{t}" for t in tasks)]
+        for task in tasks:
+            best = min(models, key=lambda m: scores[m][task]["val_loss"])
+            if best != f"{kind}/{task}":
+                raise EvomergeError(f"zoo check failed: {best} beats {kind}/{task} on {task} "
+                                    "(the experts do not specialize; change the zoo's schedule)")
+        average = _mean_loss(scores[f"average/{kind}"], tasks)
+        if not average < base:
+            raise EvomergeError(f"zoo check failed: the average of the {kind} experts (mean val loss "
+                                f"{average:.3f}) does not beat the base ({base:.3f}); change the zoo's schedule")
+
+
 def _build(tmp: Path, final: Path, spec: ZooSize, tasks: list[str], splits: dict, seed: int, bars) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -375,17 +428,19 @@ def _build(tmp: Path, final: Path, spec: ZooSize, tasks: list[str], splits: dict
           phase("base", spec.base_steps))
     save_model(base, tokenizer, tmp / "base")
     scores = {}
-    tick = phase("scoring", 1 + 2 * len(tasks))
+    tick = phase("scoring", 1 + 2 * len(tasks) + 2)
+    averages = {"full": _RunningMean(), "lora": _RunningMean()}
     scores["base"] = score(base, tokenizer, splits)
     tick and tick()
 
     for i, task in enumerate(tasks):
         torch.manual_seed(seed * 1000 + i)
         model = AutoModelForCausalLM.from_pretrained(tmp / "base")
-        train(model, tokenizer, [task], spec.full_steps, spec.full_lr, spec.batch, f"{seed}/expert",
-              phase(f"full/{task}", spec.full_steps))
+        train(model, tokenizer, expert_mix(task, spec), spec.full_steps, spec.full_lr, spec.batch,
+              f"{seed}/expert", phase(f"full/{task}", spec.full_steps))
         save_model(model, tokenizer, tmp / "full" / task)
         scores[f"full/{task}"] = score(model, tokenizer, splits)
+        averages["full"].add(model.state_dict())
         tick and tick()
 
     for i, task in enumerate(tasks):
@@ -394,16 +449,22 @@ def _build(tmp: Path, final: Path, spec: ZooSize, tasks: list[str], splits: dict
         config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS,
                             task_type="CAUSAL_LM")
         model = get_peft_model(model, config)
-        train(model, tokenizer, [task], spec.lora_steps, spec.lora_lr, spec.batch, f"{seed}/expert",
-              phase(f"lora/{task}", spec.lora_steps))
+        train(model, tokenizer, expert_mix(task, spec), spec.lora_steps, spec.lora_lr, spec.batch,
+              f"{seed}/expert", phase(f"lora/{task}", spec.lora_steps))
         model.save_pretrained(tmp / "lora" / task)
         adapter_config = tmp / "lora" / task / "adapter_config.json"  # point at where base will be
         config_json = json.loads(adapter_config.read_text())
         config_json["base_model_name_or_path"] = str(final / "base")
         adapter_config.write_text(json.dumps(config_json, indent=2) + "\n")
         scores[f"lora/{task}"] = score(model, tokenizer, splits)
+        averages["lora"].add(model.merge_and_unload().state_dict())
         tick and tick()
 
+    for kind, average in averages.items():
+        base.load_state_dict(average.mean())
+        scores[f"average/{kind}"] = score(base, tokenizer, splits)
+        tick and tick()
+    check_mergeable(scores, tasks)
     _write_pool(tmp / "pool-full.yaml", "full")
     _write_pool(tmp / "pool-lora.yaml", "lora")
     return scores

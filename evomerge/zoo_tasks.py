@@ -70,8 +70,22 @@ TASKS: dict[str, Callable[[random.Random], Record]] = {
     "next": _next,
 }
 
-# The base model's pre-training mix: the two slow-to-learn tasks twice as often as the others.
-PRETRAIN_MIX = ("add", "reverse", "add", "reverse", "upper", "next")
+
+
+def _copy(rng: random.Random) -> Record:
+    text = "".join(rng.choice(_COPY_CHARS) for _ in range(rng.randint(2, 5)))
+    return {"question": f"copy {text} =", "answer": f" {text}"}
+
+
+_COPY_CHARS = string.ascii_lowercase + string.ascii_uppercase + string.digits
+
+# Tasks the base is pre-trained on and no expert is scored on: "copy" teaches the answer format
+# and every character, none of the four skills. The base then sits at a converged point, and each
+# expert's task vector holds its own skill rather than a share of unfinished pre-training (a base
+# pre-trained briefly on the four tasks themselves gave experts whose task vectors were mostly one
+# shared direction, so that any sum of them overshot).
+PRETRAIN_TASKS: dict[str, Callable[[random.Random], Record]] = {"copy": _copy}
+PRETRAIN_MIX = ("copy",)
 
 # Every character a question or answer can hold (the zoo tokenizer's vocabulary, after specials).
 ALPHABET = "\n =+" + string.digits + string.ascii_lowercase + string.ascii_uppercase
@@ -92,10 +106,11 @@ def eval_splits(task: str) -> dict[str, list[Record]]:
 
 def train_records(task: str, stream: int | str) -> Iterator[Record]:
     """An endless stream (named by `stream`) of training records of `task`, none held out."""
-    held_out = {r["question"] for split in eval_splits(task).values() for r in split}
+    make = TASKS.get(task) or PRETRAIN_TASKS[task]
+    held_out = {r["question"] for split in eval_splits(task).values() for r in split} if task in TASKS else set()
     rng = random.Random(f"train/{stream}/{task}")
     while True:
-        record = TASKS[task](rng)
+        record = make(rng)
         if record["question"] not in held_out:
             yield record
 

@@ -108,6 +108,8 @@ class EchoServer:
             for _ in range(int(body.get("max_tokens") or 16)):
                 logits = self.model(torch.tensor([ids + generated])).logits[0]
                 generated.append(int(logits[-1].argmax()))
+                if generated[-1] == self.tokenizer.eos_token_id:  # as real servers do
+                    break
                 text = self.tokenizer.decode(generated, skip_special_tokens=True)
                 if any(s in text for s in body.get("stop") or []):
                     break

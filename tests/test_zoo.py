@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from evomerge.errors import EvomergeError
-from evomerge.zoo import LORA_TARGETS, build_tokenizer, build_zoo, encode, score
+from evomerge.zoo import LORA_TARGETS, build_tokenizer, build_zoo, check_mergeable, encode, score
 from evomerge.zoo_tasks import N_EVAL, TASKS, eval_splits, stale_data, train_records
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,15 +115,35 @@ def test_lora_adapters_load_onto_the_base(tiny_zoo):
 
 
 @pytest.mark.slow
-def test_experts_specialize(tiny_zoo):
+def test_merging_the_experts_is_a_winnable_problem(tiny_zoo):
     scores = json.loads((tiny_zoo / "scores.json").read_text())["scores"]
-    base = scores["base"]
+
+    def mean(model: str) -> float:
+        return sum(scores[model][t]["val_loss"] for t in TASKS) / len(TASKS)
+
+    for kind in ("full", "lora"):
+        for task in TASKS:  # each expert is the best model on its own task ...
+            rivals = ["base", *(f"{kind}/{t}" for t in TASKS if t != task)]
+            own = scores[f"{kind}/{task}"][task]["val_loss"]
+            assert all(own < scores[r][task]["val_loss"] for r in rivals), f"{kind}/{task} on {task}"
+            # ... and the plain average loses some of that (the task vectors interfere)
+            assert scores[f"average/{kind}"][task]["val_loss"] > own, f"average/{kind} on {task}"
+        assert mean(f"average/{kind}") < mean("base"), f"average/{kind} does not beat the base"
+
+
+def test_a_zoo_where_merging_cannot_win_is_refused():
+    def row(loss):
+        return {t: {"val_loss": loss, "test_acc": 0.0} for t in TASKS}
+
+    scores = {"base": row(2.0), "average/full": row(1.5), "average/lora": row(1.5)}
     for kind in ("full", "lora"):
         for task in TASKS:
-            expert = scores[f"{kind}/{task}"]
-            assert expert[task]["val_loss"] < base[task]["val_loss"], f"{kind}/{task} on {task}"
-            others = [t for t in TASKS if t != task]
-            assert any(expert[t]["val_loss"] > base[t]["val_loss"] for t in others), f"{kind}/{task} forgets nothing"
+            scores[f"{kind}/{task}"] = {**row(2.5), task: {"val_loss": 1.0, "test_acc": 0.5}}
+    check_mergeable(scores, list(TASKS))  # experts specialize, the average beats the base
+    with pytest.raises(EvomergeError, match="average of the lora experts .* does not beat the base"):
+        check_mergeable({**scores, "average/lora": row(2.1)}, list(TASKS))
+    with pytest.raises(EvomergeError, match="base beats full/add on add"):
+        check_mergeable({**scores, "base": {**row(2.0), "add": {"val_loss": 0.5, "test_acc": 1.0}}}, list(TASKS))
 
 
 @pytest.mark.slow
