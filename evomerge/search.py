@@ -146,11 +146,15 @@ class Search:
                 self._record(state, optimizer, space, candidate, result)
 
     # ---- dispatch -----------------------------------------------------------------------------
-    def _fill_workers(self, state, optimizer, space, rerun, budget) -> None:
+    def _idle_workers(self) -> list[int]:
         busy_workers = {index for index, _, _ in self.busy.values()}
-        for index in range(len(self.workers)):
-            if index in busy_workers:
-                continue
+        return [index for index in range(len(self.workers)) if index not in busy_workers]
+
+    def _dispatch(self, index: int, candidate: InFlight, recipe: dict[str, Any]) -> None:
+        self.busy[self.workers[index].evaluate.remote(recipe)] = (index, candidate, time.time())
+
+    def _fill_workers(self, state, optimizer, space, rerun, budget) -> None:
+        for index in self._idle_workers():
             if rerun:
                 candidate = rerun.popleft()
             elif state.asked < budget:
@@ -164,8 +168,8 @@ class Search:
             state.in_flight[candidate.id] = candidate
             state.optimizer = optimizer.state_dict()
             self.run.save_checkpoint(state.__dict__)  # in flight before it runs: resume re-runs it
-            recipe = space.to_recipe(np.asarray(candidate.x), seed=self.config.seed).model_dump(mode="json")
-            self.busy[self.workers[index].evaluate.remote(recipe)] = (index, candidate, time.time())
+            recipe = space.to_recipe(np.asarray(candidate.x), seed=self.config.seed)
+            self._dispatch(index, candidate, recipe.model_dump(mode="json"))
 
     def _collect(self):
         import ray
@@ -236,8 +240,9 @@ class Search:
 
     def _task_names(self) -> list[str]:
         references = self.run.read_json(REFERENCES) or {}
-        if references:
-            return sorted(next(iter(references.values()))["scores"])
+        scored = [r["scores"] for r in references.values() if r.get("scores")]
+        if scored:
+            return sorted(scored[0])
         raise EvomergeError("multi_objective needs the references (set references: true)")
 
     # ---- workers ------------------------------------------------------------------------------
@@ -270,16 +275,26 @@ class Search:
         self.workers = []
 
     def _score_references(self) -> None:
-        """The base and each expert, scored on the same suite by the same workers."""
-        import ray
-
+        """The base and each expert, scored on the same suite by the same workers, through the same
+        dispatch as candidates: a worker that dies is replaced and its reference run again, and a
+        reference that times out or fails is recorded as failed rather than stopping the search."""
         from evomerge.baselines import reference_recipes
 
         recipes = reference_recipes(self.expert_names)
-        refs = {}
-        for i, (name, recipe) in enumerate(recipes.items()):
-            refs[name] = self.workers[i % len(self.workers)].evaluate.remote(recipe.model_dump(mode="json"))
-        self.run.write_json(REFERENCES, {name: ray.get(ref) for name, ref in refs.items()})
+        names = list(recipes)
+        todo = collections.deque(InFlight(i, []) for i in range(len(names)))
+        results: dict[str, dict[str, Any]] = {}
+        while todo or self.busy:
+            for index in self._idle_workers():
+                if todo:
+                    reference = todo.popleft()
+                    self._dispatch(index, reference, recipes[names[reference.id]].model_dump(mode="json"))
+            for reference, result in self._collect():
+                if result is None:
+                    todo.append(reference)
+                else:
+                    results[names[reference.id]] = result
+        self.run.write_json(REFERENCES, {name: results[name] for name in names})
 
     def _restore(self) -> State:
         saved = self.run.load_checkpoint()

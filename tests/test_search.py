@@ -152,6 +152,20 @@ def test_killed_worker_is_replaced_and_its_candidate_run_again(tmp_path, pool_sp
     assert all(e.ok for e in evaluations)
 
 
+def test_worker_killed_while_scoring_the_references_is_replaced(tmp_path, pool_spec):
+    config = write_config(tmp_path / "s.yaml", pool_spec, budget=6, space="lorahub")
+    process = start_search(config, tmp_path / "run", delay=2.0)  # 4 references on 2 workers: 4 s
+    run = Run(tmp_path / "run")
+    wait_for(lambda: (run.path / "status.json").exists() and run.status().get("workers"))
+    assert not (run.path / "references.json").exists()
+    os.kill(run.status()["workers"][0], signal.SIGKILL)
+    assert process.wait(timeout=180) == 0
+    references = json.loads((run.path / "references.json").read_text())
+    assert set(references) == {"base", "expert0", "expert1", "expert2"}
+    assert all(r["status"] == "ok" for r in references.values())
+    assert len(run.evaluations()) == 6
+
+
 def test_show_and_export(tmp_path, pool_spec):
     # scored by the synthetic objective; the export merges for real
     config = write_config(tmp_path / "s.yaml", pool_spec, budget=8, space={"preset": "ties-dare", "layer_groups": 1})
