@@ -205,6 +205,42 @@ def demo(
     run_demo(zoo_dir, size=size, budget=budget, workers=workers, run_dir=run_dir, console=Console())
 
 
+@app.command()
+@user_errors
+def serve(
+    pool: Path = typer.Argument(..., help="The pool YAML to hold (its weights never leave this machine)."),
+    suite: Path = typer.Option(..., "--suite", help="The suite every recipe is scored on, e.g. evaluators/zoo-loss.yaml."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0 for every one)."),
+    port: int = typer.Option(8765, "--port"),
+    token_env: str = typer.Option("EVOMERGE_TOKEN", "--token-env", help="Environment variable holding the bearer token clients must send."),
+    device: str = DeviceOption,
+    batch_size: int = typer.Option(64, "--batch-size", help="Requests per forward pass (hf backend)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: all cores)."),
+):
+    """Hold a pool and score recipes on a suite over HTTP: searches elsewhere use `pool: {endpoint: URL}`.
+
+    Example:
+      EVOMERGE_TOKEN=s3cret evomerge serve zoo/pool-full.yaml --suite evaluators/zoo-loss.yaml
+    """
+    from evomerge.config import resolve_pool_spec
+    from evomerge.provider import Provider, make_server
+
+    token = os.environ.get(token_env)
+    if not token:
+        raise EvomergeError(f"set ${token_env} to the bearer token clients must send (it is read from the environment only)")
+    spec = resolve_pool_spec(str(pool), Path.cwd(), str(pool))
+    provider = Provider(spec, suite, {"name": "hf", "batch_size": batch_size}, device=device, threads=threads)
+    server = make_server(provider, host, port, token, log=lambda line: console.print(line, highlight=False))
+    console.print(f"serving {len(provider.info['experts'])} experts ({', '.join(provider.info['experts'])}) "
+                  f"scored on {provider.info['suite']} at http://{host}:{server.server_address[1]}", highlight=False)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 # ---- eval (owned by the evaluator module) ---------------------------------------------------
 # BEGIN eval command
 @app.command("eval")

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from evomerge.errors import ConfigError, validation_message
 from evomerge.pool import Pool
+from evomerge.provider import is_remote, resolve_remote_spec
 from evomerge.recipe import Recipe, is_mergekit_config, load_yaml_file, recipe_from_mergekit
 
 
@@ -28,8 +29,11 @@ def resolve_pool_spec(spec: Any, relative_to: Path, where: str) -> dict[str, Any
     if isinstance(spec, str):
         pool_file = (relative_to / spec).resolve()
         return resolve_pool_spec(load_yaml_file(pool_file), pool_file.parent, str(pool_file))
+    if is_remote(spec):  # held by a provider (`evomerge serve`): nothing local to resolve
+        return resolve_remote_spec(spec, where)
     if not isinstance(spec, dict) or "base" not in spec or "experts" not in spec:
-        raise ConfigError(f"{where}: pool needs `base: PATH` and `experts: {{NAME: PATH}}` (or a path to a pool YAML)")
+        raise ConfigError(f"{where}: pool needs `base: PATH` and `experts: {{NAME: PATH}}` (or a path to a pool "
+                          "YAML, or `endpoint: URL` of a provider)")
     experts = spec["experts"]
     if isinstance(experts, list):
         experts = {Path(p).name: p for p in experts}
@@ -53,6 +57,9 @@ def load_merge_config(path: Path) -> tuple[Recipe, dict[str, Any]]:
 
 
 def open_pool(spec: dict[str, Any]) -> Pool:
+    if is_remote(spec):
+        raise ConfigError(f"the pool is held by the provider at {spec['endpoint']}: its weights are not here "
+                          "(ask the provider to export the recipe)")
     return Pool(Path(spec["base"]), {name: Path(p) for name, p in spec["experts"].items()})
 
 
@@ -99,6 +106,11 @@ class SearchConfig(_Strict):
         return self.model_copy(update=updates)
 
     def check(self, where: str) -> "SearchConfig":
+        if is_remote(self.pool):
+            if self.suite is not None or self.objective is not None:
+                raise ConfigError(f"{where}: a provider's pool is scored on the provider's own suite; "
+                                  "drop `suite:` and `objective:`")
+            return self
         if self.suite is None and self.objective is None:
             raise ConfigError(f"{where}: give a `suite:` (evaluators/*.yaml) to score candidates on")
         for key in ("api_key", "token"):

@@ -23,6 +23,7 @@ import numpy as np
 from evomerge.config import SearchConfig
 from evomerge.errors import EvomergeError
 from evomerge.optimizers import backend_of, merge_optimizer_config, optimizer_from_config
+from evomerge.provider import is_remote, pool_info
 from evomerge.recipe import Recipe
 from evomerge.run import REFERENCES, Evaluation, Run
 
@@ -57,9 +58,13 @@ class Search:
         from evomerge.searchspace import load_space
 
         self.config = config
-        pool = open_pool(config.pool).validate(check_values=False)
-        self.expert_names = pool.names
-        self.space = load_space(config.space, experts=pool.names, n_layers=pool.n_layers())
+        if is_remote(config.pool):  # the provider has the weights; it tells what the space needs
+            info = pool_info(config.pool)
+            self.expert_names, n_layers = list(info["experts"]), int(info["n_layers"])
+        else:
+            pool = open_pool(config.pool).validate(check_values=False)
+            self.expert_names, n_layers = pool.names, pool.n_layers()
+        self.space = load_space(config.space, experts=self.expert_names, n_layers=n_layers)
         if config.suite is not None:
             from evomerge.evaluator import load_suite
 
@@ -250,6 +255,13 @@ class Search:
         from evomerge.worker import ray_worker_class
 
         workers = self.config.workers
+        if is_remote(self.config.pool):  # waits on HTTP: no CPU of its own; the token read here, once
+            import ray
+
+            from evomerge.provider import RemoteWorker, token_from_env
+
+            return ray.remote(num_cpus=0)(RemoteWorker).remote(
+                self.config.pool, token_from_env(self.config.pool), workers.timeout_s)
         threads = workers.threads or max(1, _cores() // workers.count)
         return ray_worker_class(workers.device).remote(
             self.config.pool, self.config.suite, self.config.backend, device=_device_for(workers.device),

@@ -1,0 +1,113 @@
+"""Black-box search: a provider holds the tiny zoo behind `evomerge serve`; the search sees only
+the endpoint and a token from the environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from evomerge.config import load_search_config
+from evomerge.errors import ConfigError
+from evomerge.provider import RemoteWorker, request
+from evomerge.search import search
+
+REPO = Path(__file__).resolve().parents[1]
+SUITE = REPO / "evaluators" / "zoo-loss.yaml"
+TOKEN = "tok-provider-test-1234"
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def provider(tiny_zoo):
+    port = free_port()
+    env = {**os.environ, "EVOMERGE_TOKEN": TOKEN}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "evomerge.cli", "serve", str(tiny_zoo / "pool-full.yaml"), "--suite", str(SUITE),
+         "--port", str(port), "--threads", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            request(endpoint, "/v1/pool", TOKEN, retries=1, timeout=5)
+            break
+        except Exception:
+            if process.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"evomerge serve did not start: {process.stderr.read()}")
+            time.sleep(0.3)
+    yield endpoint, process
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=30)
+
+
+def write_config(path: Path, endpoint: str, **extra) -> Path:
+    path.write_text(yaml.safe_dump({
+        "pool": {"endpoint": endpoint, "token_env": "PROVIDER_TOKEN"}, "space": "lorahub", "budget": 4,
+        "optimizer": {"type": "random"}, "workers": {"count": 2}, **extra}))
+    return path
+
+
+def test_search_against_a_provider_scores_like_a_local_worker(provider, tiny_zoo, tmp_path, monkeypatch):
+    endpoint, _ = provider
+    monkeypatch.setenv("PROVIDER_TOKEN", TOKEN)
+    run = search(load_search_config(write_config(tmp_path / "s.yaml", endpoint)), tmp_path / "run")
+    evaluations = run.evaluations()
+    assert len(evaluations) == 4 and all(e.ok for e in evaluations)
+    assert set(evaluations[0].scores) == {"add", "reverse", "upper", "next"}
+
+    # the provider's scores are the zoo's own (a local worker on the same pool and suite gives these)
+    references = json.loads((run.path / "references.json").read_text())
+    zoo = json.loads((tiny_zoo / "scores.json").read_text())["scores"]
+    for name in ("base", "upper"):
+        model = "base" if name == "base" else f"full/{name}"
+        assert references[name]["scores"]["upper"] == pytest.approx(-zoo[model]["upper"]["val_loss"], rel=1e-3)
+
+    # the token is never written anywhere in the run directory
+    for path in run.path.rglob("*"):
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_wrong_token_is_one_config_error_before_anything_is_written(provider, tmp_path, monkeypatch):
+    endpoint, _ = provider
+    monkeypatch.setenv("PROVIDER_TOKEN", "wrong")
+    with pytest.raises(ConfigError, match="HTTP 401"):
+        search(load_search_config(write_config(tmp_path / "s.yaml", endpoint)), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    monkeypatch.delenv("PROVIDER_TOKEN")
+    done = subprocess.run([sys.executable, "-m", "evomerge.cli", "search", str(tmp_path / "s.yaml"),
+                           "--run-dir", str(tmp_path / "run")], capture_output=True, text=True)
+    assert done.returncode == 2 and "$PROVIDER_TOKEN" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_bad_recipe_and_unreachable_provider_are_failed_results(provider, tmp_path):
+    endpoint, _ = provider
+    worker = RemoteWorker({"endpoint": endpoint}, TOKEN, timeout_s=60)
+    bad = worker.evaluate({"method": "ties", "experts": {"nope": {"weight": 1.0}}})
+    assert bad["status"] == "failed" and "nope" in bad["reason"]
+    gone = RemoteWorker({"endpoint": f"http://127.0.0.1:{free_port()}"}, TOKEN, timeout_s=5)
+    result = gone.evaluate({"method": "linear", "experts": {"add": {"weight": 1.0}}})
+    assert result["status"] == "failed" and "unreachable" in result["reason"]
+
+
+def test_a_token_in_the_config_is_refused(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"pool": {"endpoint": "http://x:1", "token": "abc"}, "space": "lorahub"}))
+    with pytest.raises(ConfigError, match="environment variable"):
+        load_search_config(path)
