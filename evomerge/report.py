@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from evomerge.errors import ConfigError, EvomergeError
+from evomerge.provider import is_remote
 from evomerge.recipe import Recipe, recipe_to_mergekit
 from evomerge.run import PARETO, REFERENCES, Evaluation, Run, pareto_front
 
@@ -100,6 +101,13 @@ def export_candidate(run: Run, pick: str, output: Path, device: str = "cpu", dty
     chosen = pick_candidate(run, pick)
     recipe = Recipe.model_validate(chosen.recipe)
     pool_spec = run.config()["pool"]
+    if is_remote(pool_spec):  # the weights are the provider's: hand over the merge config to run there
+        output.mkdir(parents=True, exist_ok=False)
+        (output / "merge.yaml").write_text(  # `evomerge merge merge.yaml -o DIR`, where the pool is
+            f"pool: POOL.yaml  # the provider's pool ({pool_spec['endpoint']})\n"
+            + yaml.safe_dump({"recipe": recipe.model_dump(mode="json")}, sort_keys=False))
+        recipe.save(output / "recipe.yaml")
+        return output
     pool = open_pool(pool_spec)
     if recipe.lora_merge == "lowrank":
         path = write_adapter_dir(recipe, pool, output, device=device)

@@ -78,6 +78,17 @@ def test_search_against_a_provider_scores_like_a_local_worker(provider, tiny_zoo
         model = "base" if name == "base" else f"full/{name}"
         assert references[name]["scores"]["upper"] == pytest.approx(-zoo[model]["upper"]["val_loss"], rel=1e-3)
 
+    # export hands over the merge config; merged where the pool is, it is the candidate's model
+    exported = subprocess.run([sys.executable, "-m", "evomerge.cli", "export", str(run.path), "-o", str(tmp_path / "x")],
+                              capture_output=True, text=True)
+    assert exported.returncode == 0, exported.stderr
+    merge_yaml = (tmp_path / "x" / "merge.yaml").read_text().replace("POOL.yaml", str(tiny_zoo / "pool-full.yaml"))
+    (tmp_path / "merge.yaml").write_text(merge_yaml)
+    merged = subprocess.run([sys.executable, "-m", "evomerge.cli", "merge", str(tmp_path / "merge.yaml"),
+                             "-o", str(tmp_path / "merged")], capture_output=True, text=True)
+    assert merged.returncode == 0, merged.stderr
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+
     # the token is never written anywhere in the run directory
     for path in run.path.rglob("*"):
         if path.is_file():
