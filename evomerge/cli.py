@@ -223,14 +223,15 @@ def serve(
       EVOMERGE_TOKEN=s3cret evomerge serve zoo/pool-full.yaml --suite evaluators/zoo-loss.yaml
     """
     from evomerge.config import resolve_pool_spec
-    from evomerge.provider import Provider, make_server
+    from evomerge.provider import Provider, bind, make_server
 
     token = os.environ.get(token_env)
     if not token:
         raise EvomergeError(f"set ${token_env} to the bearer token clients must send (it is read from the environment only)")
     spec = resolve_pool_spec(str(pool), Path.cwd(), str(pool))
+    listening = bind(host, port)
     provider = Provider(spec, suite, {"name": "hf", "batch_size": batch_size}, device=device, threads=threads)
-    server = make_server(provider, host, port, token, log=lambda line: console.print(line, highlight=False))
+    server = make_server(provider, listening, token, log=lambda line: console.print(line, highlight=False))
     console.print(f"serving {len(provider.info['experts'])} experts ({', '.join(provider.info['experts'])}) "
                   f"scored on {provider.info['suite']} at http://{host}:{server.server_address[1]}", highlight=False)
     try:

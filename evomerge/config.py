@@ -106,6 +106,9 @@ class SearchConfig(_Strict):
         return self.model_copy(update=updates)
 
     def check(self, where: str) -> "SearchConfig":
+        for key in ("api_key", "token"):
+            if key in self.backend:
+                raise ConfigError(f"{where}: backend.{key}: secrets never go in a config; name an env var with api_key_env")
         if is_remote(self.pool):
             if self.suite is not None or self.objective is not None:
                 raise ConfigError(f"{where}: a provider's pool is scored on the provider's own suite; "
@@ -113,9 +116,6 @@ class SearchConfig(_Strict):
             return self
         if self.suite is None and self.objective is None:
             raise ConfigError(f"{where}: give a `suite:` (evaluators/*.yaml) to score candidates on")
-        for key in ("api_key", "token"):
-            if key in self.backend:
-                raise ConfigError(f"{where}: backend.{key}: secrets never go in a config; name an env var with api_key_env")
         return self
 
 

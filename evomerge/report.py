@@ -102,7 +102,9 @@ def export_candidate(run: Run, pick: str, output: Path, device: str = "cpu", dty
     recipe = Recipe.model_validate(chosen.recipe)
     pool_spec = run.config()["pool"]
     if is_remote(pool_spec):  # the weights are the provider's: hand over the merge config to run there
-        output.mkdir(parents=True, exist_ok=False)
+        if output.exists() and (not output.is_dir() or any(output.iterdir())):
+            raise EvomergeError(f"{output} exists and is not empty; choose a new directory")
+        output.mkdir(parents=True, exist_ok=True)
         (output / "merge.yaml").write_text(  # `evomerge merge merge.yaml -o DIR`, where the pool is
             f"pool: POOL.yaml  # the provider's pool ({pool_spec['endpoint']})\n"
             + yaml.safe_dump({"recipe": recipe.model_dump(mode="json")}, sort_keys=False))

@@ -5,6 +5,7 @@
       evaluations.jsonl   one line per finished candidate, appended and fsynced per line
       checkpoint.pkl      optimizer state + counters + in-flight candidates, written atomically
       references.json     the base's and each expert's scores on the same suite
+      provider.json       what the provider served (remote pools only); resume checks it
       pareto.json         non-dominated set over the per-task scores, with hypervolume
       status.json         state (running / finished / failed), pid, heartbeat, for `show` while live
       export/             merged models written by `evomerge export`

@@ -27,6 +27,7 @@ from evomerge.provider import is_remote, pool_info
 from evomerge.recipe import Recipe
 from evomerge.run import REFERENCES, Evaluation, Run
 
+PROVIDER = "provider.json"  # what a remote pool's provider served: experts, layers, suite, tasks
 STAGE_OFFSET = 1_000_000  # candidate id = stage * STAGE_OFFSET + the optimizer's id
 
 
@@ -58,9 +59,10 @@ class Search:
         from evomerge.searchspace import load_space
 
         self.config = config
+        self.provider_info: dict[str, Any] | None = None
         if is_remote(config.pool):  # the provider has the weights; it tells what the space needs
-            info = pool_info(config.pool)
-            self.expert_names, n_layers = list(info["experts"]), int(info["n_layers"])
+            self.provider_info = pool_info(config.pool)
+            self.expert_names, n_layers = self.provider_info["experts"], self.provider_info["n_layers"]
         else:
             pool = open_pool(config.pool).validate(check_values=False)
             self.expert_names, n_layers = pool.names, pool.n_layers()
@@ -76,6 +78,7 @@ class Search:
     # ---- the public entry ---------------------------------------------------------------------
     def execute(self, run: Run, progress: Any = None) -> Run:
         self.run, self.progress = run, progress
+        self._check_provider()
         state = self._restore()
         self.run.set_status("running", budget=self.config.budget)
         try:
@@ -93,6 +96,18 @@ class Search:
         self.run.update_pareto()
         self.run.set_status("finished", budget=self.config.budget)
         return self.run
+
+    def _check_provider(self) -> None:
+        """A remote run records what its provider served; resuming against another pool or suite
+        would map the genomes onto other experts, so it is refused."""
+        if self.provider_info is None:
+            return
+        recorded = self.run.read_json(PROVIDER)
+        if recorded is None:
+            self.run.write_json(PROVIDER, self.provider_info)
+        elif recorded != self.provider_info:
+            raise EvomergeError(f"{self.run.path}: the provider at {self.config.pool['endpoint']} now serves "
+                                f"{self.provider_info} but this run was made against {recorded}")
 
     # ---- stages -------------------------------------------------------------------------------
     def stage_budget(self, stage: int) -> int:
@@ -244,6 +259,8 @@ class Search:
             self._tell(state, optimizer, logged[candidate_id])
 
     def _task_names(self) -> list[str]:
+        if self.provider_info and self.provider_info["tasks"]:
+            return sorted(self.provider_info["tasks"])
         references = self.run.read_json(REFERENCES) or {}
         scored = [r["scores"] for r in references.values() if r.get("scores")]
         if scored:
@@ -255,13 +272,12 @@ class Search:
         from evomerge.worker import ray_worker_class
 
         workers = self.config.workers
-        if is_remote(self.config.pool):  # waits on HTTP: no CPU of its own; the token read here, once
+        if is_remote(self.config.pool):  # waits on HTTP: no CPU of its own
             import ray
 
-            from evomerge.provider import RemoteWorker, token_from_env
+            from evomerge.provider import RemoteWorker
 
-            return ray.remote(num_cpus=0)(RemoteWorker).remote(
-                self.config.pool, token_from_env(self.config.pool), workers.timeout_s)
+            return ray.remote(num_cpus=0)(RemoteWorker).remote(self.config.pool, workers.timeout_s)
         threads = workers.threads or max(1, _cores() // workers.count)
         return ray_worker_class(workers.device).remote(
             self.config.pool, self.config.suite, self.config.backend, device=_device_for(workers.device),

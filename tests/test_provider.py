@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from evomerge.config import load_search_config
-from evomerge.errors import ConfigError
-from evomerge.provider import RemoteWorker, request
+from evomerge.errors import ConfigError, EvomergeError
+from evomerge.provider import ProviderError, RemoteWorker, request
 from evomerge.search import search
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,28 +97,65 @@ def test_search_against_a_provider_scores_like_a_local_worker(provider, tiny_zoo
 
 def test_wrong_token_is_one_config_error_before_anything_is_written(provider, tmp_path, monkeypatch):
     endpoint, _ = provider
+    config = write_config(tmp_path / "s.yaml", endpoint)
     monkeypatch.setenv("PROVIDER_TOKEN", "wrong")
     with pytest.raises(ConfigError, match="HTTP 401"):
-        search(load_search_config(write_config(tmp_path / "s.yaml", endpoint)), tmp_path / "run")
+        search(load_search_config(config), tmp_path / "run")
     assert not (tmp_path / "run").exists()
-    monkeypatch.delenv("PROVIDER_TOKEN")
-    done = subprocess.run([sys.executable, "-m", "evomerge.cli", "search", str(tmp_path / "s.yaml"),
-                           "--run-dir", str(tmp_path / "run")], capture_output=True, text=True)
-    assert done.returncode == 2 and "$PROVIDER_TOKEN" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    for env, expected in (({"PROVIDER_TOKEN": "x-bad-token-77"}, "HTTP 401"), ({}, "$PROVIDER_TOKEN")):
+        environ = {k: v for k, v in os.environ.items() if k != "PROVIDER_TOKEN"} | env
+        done = subprocess.run([sys.executable, "-m", "evomerge.cli", "search", str(config), "--run-dir",
+                               str(tmp_path / "run")], capture_output=True, text=True, env=environ)
+        assert done.returncode == 2 and expected in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and "x-bad-token-77" not in done.stderr
+        assert not (tmp_path / "run").exists()
 
 
-def test_bad_recipe_and_unreachable_provider_are_failed_results(provider, tmp_path):
+def test_resume_against_a_provider_serving_something_else_is_refused(provider, tmp_path, monkeypatch):
+    from evomerge.run import Run
+    from evomerge.search import resume
+
     endpoint, _ = provider
-    worker = RemoteWorker({"endpoint": endpoint}, TOKEN, timeout_s=60)
+    monkeypatch.setenv("PROVIDER_TOKEN", TOKEN)
+    run = search(load_search_config(write_config(tmp_path / "s.yaml", endpoint, budget=2)), tmp_path / "run")
+    served = json.loads((run.path / "provider.json").read_text())
+    assert served["experts"] == ["add", "reverse", "upper", "next"] and served["suite"] == "zoo-loss"
+    # as if the run had stopped early and the provider had meanwhile swapped its pool
+    (run.path / "provider.json").write_text(json.dumps({**served, "experts": ["a", "b", "c", "d"]}))
+    Run(run.path).set_status("stopped")
+    with pytest.raises(EvomergeError, match="now serves"):
+        resume(run.path)
+
+
+def test_bad_recipe_and_unreachable_provider_are_failed_results(provider, monkeypatch):
+    endpoint, _ = provider
+    monkeypatch.setenv("EVOMERGE_TOKEN", TOKEN)
+    worker = RemoteWorker({"endpoint": endpoint, "token_env": "EVOMERGE_TOKEN"}, timeout_s=60)
     bad = worker.evaluate({"method": "ties", "experts": {"nope": {"weight": 1.0}}})
     assert bad["status"] == "failed" and "nope" in bad["reason"]
-    gone = RemoteWorker({"endpoint": f"http://127.0.0.1:{free_port()}"}, TOKEN, timeout_s=5)
+    gone = RemoteWorker({"endpoint": f"http://127.0.0.1:{free_port()}", "token_env": "EVOMERGE_TOKEN"}, timeout_s=5)
     result = gone.evaluate({"method": "linear", "experts": {"add": {"weight": 1.0}}})
     assert result["status"] == "failed" and "unreachable" in result["reason"]
 
 
-def test_a_token_in_the_config_is_refused(tmp_path):
+def test_malformed_requests_get_a_clear_http_error(provider):
+    endpoint, _ = provider
+    with pytest.raises(ProviderError, match="HTTP 404"):
+        request(endpoint, "/v1/nothing", TOKEN, retries=1)
+    with pytest.raises(ProviderError, match="HTTP 401"):
+        request(endpoint, "/v1/evaluate", "nope", {"recipe": {}}, retries=1)
+    with pytest.raises(ProviderError, match="HTTP 400"):
+        request(endpoint, "/v1/evaluate", TOKEN, {"not a recipe": 1}, retries=1)
+
+
+@pytest.mark.parametrize("pool, backend, message", [
+    ({"endpoint": "http://x:1", "token": "abc"}, {}, "environment variable"),
+    ({"endpoint": "http://user:pw@x:1"}, {}, "credentials"),
+    ({"endpoint": "x:1"}, {}, "http"),
+    ({"endpoint": "http://x:1"}, {"name": "hf", "token": "abc"}, "secrets never go in a config"),
+])
+def test_secrets_and_bad_endpoints_in_the_config_are_refused(tmp_path, pool, backend, message):
     path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump({"pool": {"endpoint": "http://x:1", "token": "abc"}, "space": "lorahub"}))
-    with pytest.raises(ConfigError, match="environment variable"):
+    path.write_text(yaml.safe_dump({"pool": pool, "space": "lorahub", **({"backend": backend} if backend else {})}))
+    with pytest.raises(ConfigError, match=message):
         load_search_config(path)
