@@ -156,20 +156,33 @@ def _print_summary(run) -> None:
 @app.command()
 @user_errors
 def show(
-    run_dir: Path = RunDirArgument,
+    run_dirs: list[Path] = typer.Argument(..., help="One run directory, or several to compare (runs/NAME-seedK group by NAME)."),
     top: int = typer.Option(5, help="How many of the best candidates to list."),
-    plot: bool = typer.Option(False, "--plot", help="Write PNGs (score over evaluations, Pareto front) into the run dir."),
+    plot: bool = typer.Option(False, "--plot", help="Write PNGs: one run's score over evaluations and Pareto front "
+                              "(into its run dir); several runs' best-so-far curves (compare_runs.png, see --plot-dir)."),
+    plot_dir: Path = typer.Option(Path("."), "--plot-dir", help="Where the comparison plot of several runs goes."),
 ):
-    """Status, best candidates, Pareto front, and the best against the base and each expert (works while live)."""
-    from evomerge.report import render_run
+    """Status, best candidates, Pareto front, and the best against the base and each expert (works while live).
+
+    With several run dirs: one table comparing them, and with --plot their best-so-far curves.
+    """
+    from evomerge.report import compare_table, render_run
     from evomerge.run import Run
 
-    run = Run.open(run_dir)
-    render_run(run, Console(), top=top)
+    runs = [Run.open(run_dir) for run_dir in run_dirs]
+    if len(runs) == 1:
+        render_run(runs[0], Console(), top=top)
+    else:
+        Console().print(compare_table(runs))
     if plot:
-        from evomerge.plots import plot_run
+        from evomerge.plots import plot_compare, plot_run
 
-        for path in plot_run(run):
+        if len(runs) == 1:
+            paths = plot_run(runs[0])
+        else:
+            plot_dir.mkdir(parents=True, exist_ok=True)
+            paths = [plot_compare(runs, plot_dir / "compare_runs.png")]
+        for path in paths:
             console.print(f"wrote {path}")
 
 

@@ -1,8 +1,10 @@
-"""Plots of a run (matplotlib, headless): score over evaluations, and the Pareto front over tasks."""
+"""Plots of runs (matplotlib, headless): a run's score over evaluations and its Pareto front over
+tasks; several runs' best-so-far curves side by side (runs NAME-seedK grouped into one band)."""
 
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +76,48 @@ def plot_pareto(run: Run, path: Path) -> Path:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"{run.path.name}: task scores (higher is better), hypervolume {front['hypervolume']:.3g}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def method_of(run: Run) -> str:
+    """A run's name without its seed suffix: runs/ties-seed0 and runs/ties-seed1 are one method."""
+    return re.sub(r"[-_]seed\d+$", "", run.path.name)
+
+
+def best_so_far(run: Run) -> np.ndarray:
+    """Per evaluation, the best mean task score so far (higher is better; failures count as -inf).
+    The mean task score, not the objective: presets add different penalties to their objectives."""
+    scores = [float(np.mean(list(e.scores.values()))) if e.ok and e.scores else -np.inf for e in run.evaluations()]
+    return np.maximum.accumulate(np.array(scores)) if scores else np.array([])
+
+
+def plot_compare(runs: list[Run], path: Path, baselines: dict[str, float] | None = None, title: str = "") -> Path:
+    """Best-so-far mean task score over evaluations, one line per method (mean over its seeds,
+    band min..max, cut to the shortest seed), and optional horizontal baselines {label: score}."""
+    plt = _pyplot()
+    groups: dict[str, list[np.ndarray]] = {}
+    for run in runs:
+        curve = best_so_far(run)
+        if len(curve):
+            groups.setdefault(method_of(run), []).append(curve)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for method, curves in groups.items():
+        n = min(len(c) for c in curves)
+        stack = np.array([c[:n] for c in curves])
+        x = np.arange(1, n + 1)
+        line, = ax.plot(x, stack.mean(0), label=f"{method} ({len(curves)} run{'s' if len(curves) > 1 else ''})")
+        if len(curves) > 1:
+            ax.fill_between(x, stack.min(0), stack.max(0), color=line.get_color(), alpha=0.15)
+    styles = itertools.cycle(["--", ":", "-.", (0, (1, 4))])
+    for label, value in (baselines or {}).items():
+        ax.axhline(value, color="grey", linestyle=next(styles), label=label)
+    ax.set_xlabel("evaluations")
+    ax.set_ylabel("best mean task score so far (higher is better)")
+    ax.set_title(title or "best so far, mean over seeds (band: min..max)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

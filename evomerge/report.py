@@ -25,6 +25,21 @@ def summary_line(run: Run) -> str:
     return f"{run.path}: {len(evaluations)} evaluations, {failed} failed, {best_text}"
 
 
+def compare_table(runs: list[Run]) -> Table:
+    """One row per run: state, evaluations, failures, best objective and its mean task score."""
+    table = Table(title="runs (objective: lower is better; mean task score: higher is better)")
+    table.add_column("run", no_wrap=True, min_width=max(len(run.path.name) for run in runs))  # names stay whole
+    for column in ("state", "evals", "failed", "best objective", "its mean score"):
+        table.add_column(column, justify="left" if column == "state" else "right")
+    for run in runs:
+        evaluations, best = run.evaluations(), run.best(1)
+        mean = sum(best[0].scores.values()) / len(best[0].scores) if best and best[0].scores else None
+        table.add_row(run.path.name, run.status().get("state", "?"), f"{len(evaluations)}/{run.config()['budget']}",
+                      str(sum(not e.ok for e in evaluations)), f"{best[0].objective:.4f}" if best else "-",
+                      f"{mean:.4f}" if mean is not None else "-")
+    return table
+
+
 def render_run(run: Run, console: Console, top: int = 5) -> None:
     config, status, evaluations = run.config(), run.status(), run.evaluations()
     console.print(f"[bold]{run.path}[/]  state [bold]{status['state']}[/]  "

@@ -189,6 +189,24 @@ def test_show_and_export(tmp_path, pool_spec):
     assert yaml.safe_load((out / "recipe.yaml").read_text()) == best.recipe
 
 
+def test_show_compares_several_runs_grouping_seeds(tmp_path, pool_spec):
+    from evomerge.plots import best_so_far, method_of
+
+    runs = []
+    for name, seed in (("lorahub-seed0", 0), ("lorahub-seed1", 1), ("random", 0)):
+        config = write_config(tmp_path / f"{name}.yaml", pool_spec, budget=6, seed=seed, space="lorahub",
+                              optimizer={"type": "random"}, references=False)
+        runs.append(search(load_search_config(config), tmp_path / name))
+    assert [method_of(r) for r in runs] == ["lorahub", "lorahub", "random"]
+    curve = best_so_far(runs[0])
+    assert len(curve) == 6 and all(b >= a for a, b in zip(curve, curve[1:]))  # best so far never drops
+    shown = subprocess.run([sys.executable, "-m", "evomerge.cli", "show", *(str(r.path) for r in runs), "--plot",
+                            "--plot-dir", str(tmp_path / "plots")], capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    assert all(r.path.name in shown.stdout for r in runs) and "6/6" in shown.stdout, shown.stdout
+    assert (tmp_path / "plots" / "compare_runs.png").stat().st_size > 1000
+
+
 def test_classic_grid_baseline_runs_every_point_in_the_run_format(tmp_path, pool_spec):
     from evomerge.baselines import classic_settings
 

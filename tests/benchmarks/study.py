@@ -330,42 +330,22 @@ def write_markdown(out: Path, results: dict[str, Any], plots: dict[str, list[str
 
 
 def best_so_far_plot(kind: str, result: dict[str, Any], path: Path) -> Path:
-    import matplotlib
+    """`evomerge show RUNS... --plot`'s comparison plot of the searched runs, with the baselines."""
+    from evomerge.plots import plot_compare
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, run_dirs in result["searched_runs"].items():
-        curves = []
-        for run_dir in run_dirs:
-            losses = [-(sum(e.scores.values()) / len(e.scores)) if e.ok else np.inf for e in Run(Path(run_dir)).evaluations()]
-            curves.append(np.minimum.accumulate(losses))
-        n = min(len(c) for c in curves)
-        stack = np.array([c[:n] for c in curves])
-        x = np.arange(1, n + 1)
-        line, = ax.plot(x, stack.mean(0), label=f"{name} ({len(curves)} seeds)")
-        ax.fill_between(x, stack.min(0), stack.max(0), color=line.get_color(), alpha=0.15)
     rows = {r["method"]: r for r in result["rows"]}
     grid = [r for r in result["rows"] if r["kind"] == "grid"]
     best_grid = max(grid, key=lambda r: r["val_mean"][0])
     experts = [r for r in result["rows"] if r["method"].startswith("expert ")]
     best_expert = max(experts, key=lambda r: r["val_mean"][0])
     neither = next(r for n, r in rows.items() if n.startswith("Evo-Merging, neither"))
-    for row, style, label in ((best_grid, "--", f"best classic on val: {best_grid['method']}"),
-                              (best_expert, ":", f"best single expert on val: {best_expert['method']}"),
-                              (neither, "-.", "neither stage (density 1, weight 1/N)"),
-                              (rows["base"], (0, (1, 4)), "base")):
-        ax.axhline(-row["val_mean"][0], color="grey", linestyle=style, label=label)
-    ax.set_xlabel("evaluations")
-    ax.set_ylabel("best validation mean CE so far (lower is better)")
-    ax.set_title(f"{kind} pool: best-so-far validation loss, mean over seeds (band: min..max)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    baselines = {f"best classic on val: {best_grid['method']}": best_grid["val_mean"][0],
+                 f"best single expert on val: {best_expert['method']}": best_expert["val_mean"][0],
+                 "neither stage (density 1, weight 1/N)": neither["val_mean"][0],
+                 "base": rows["base"]["val_mean"][0]}
+    runs = [Run(Path(d)) for dirs in result["searched_runs"].values() for d in dirs]
+    return plot_compare(runs, path, baselines, title=f"{kind} pool: best-so-far validation mean -CE, "
+                                                     "mean over seeds (band: min..max)")
 
 
 def make_plots(kind: str, result: dict[str, Any], out: Path) -> list[str]:
