@@ -1,8 +1,8 @@
 """`evomerge demo`: build the demo zoo if missing, search, and compare on the held-out test split.
 
-The comparison scores every model the same way (the zoo's generate suite on the test split, greedy
-exact match): the base, each expert, the classic recipes at their usual settings, and the best
-recipe the search found on the validation loss.
+The comparison scores every model the same way on the test split (greedy exact match per task,
+and the mean answer cross-entropy): the base, each expert, the classic recipes at their usual
+settings, and the best recipe the search found on the validation loss.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from evomerge.recipe import Recipe
 REPO = Path(__file__).resolve().parents[1]
 SEARCH_SUITE = REPO / "evaluators" / "zoo-loss.yaml"
 TEST_SUITE = REPO / "evaluators" / "zoo-generate-test.yaml"
+TEST_LOSS_SUITE = REPO / "evaluators" / "zoo-loss-test.yaml"
 
 
 def classic_recipes(experts: list[str]) -> dict[str, Recipe]:
@@ -57,7 +58,7 @@ def run_demo(zoo_dir: Path, size: str, budget: int, workers: int, run_dir: Path,
     with SearchProgress(console, budget) as progress:
         run = search(config, run_dir, progress=progress)
     best = Recipe.model_validate(run.best(1)[0].recipe)
-    console.print("[bold]3/3[/] scoring on the held-out test split (greedy exact match)")
+    console.print("[bold]3/3[/] scoring on the held-out test split (greedy exact match, cross-entropy)")
     table = compare_on_test(config, {"Evo-Merging (searched)": best}, console)
     console.print(table)
     console.print(f"inspect the run: evomerge show {run_dir} --plot;  export it: evomerge export {run_dir} -o merged/")
@@ -70,15 +71,19 @@ def compare_on_test(config: SearchConfig, found: dict[str, Recipe], console: Con
     references = {("base" if name == "base" else f"expert {name}"): r for name, r in reference_recipes(experts).items()}
     recipes = {**references, **classic_recipes(experts), **found}
     worker = Worker(config.pool, str(TEST_SUITE), config.backend)
-    results = {name: worker.evaluate(recipe.model_dump(mode="json")) for name, recipe in recipes.items()}
-    tasks = sorted(next(r for r in results.values() if r["status"] == "ok")["scores"])
-    table = Table(title="test split, exact match (higher is better)")
-    for column in ("model", *tasks, "mean"):
+    loss_worker = Worker(config.pool, str(TEST_LOSS_SUITE), config.backend)
+    results = {name: (worker.evaluate(recipe.model_dump(mode="json")), loss_worker.evaluate(recipe.model_dump(mode="json")))
+               for name, recipe in recipes.items()}
+    tasks = sorted(next(r for r, _ in results.values() if r["status"] == "ok")["scores"])
+    table = Table(title="test split: exact match per task (higher is better), and mean cross-entropy (lower is better)")
+    for column in ("model", *tasks, "mean EM", "mean CE"):
         table.add_column(column, justify="left" if column == "model" else "right")
-    for name, result in results.items():
-        if result["status"] != "ok":
-            table.add_row(name, *("failed" for _ in tasks), result["reason"][:40])
+    for name, (em, loss) in results.items():
+        if em["status"] != "ok" or loss["status"] != "ok":
+            reason = em.get("reason") or loss.get("reason") or ""
+            table.add_row(name, *("failed" for _ in tasks), reason[:40], "")
             continue
-        scores = result["scores"]
-        table.add_row(name, *(f"{scores[t]:.3f}" for t in tasks), f"{sum(scores.values()) / len(scores):.3f}")
+        scores = em["scores"]
+        table.add_row(name, *(f"{scores[t]:.3f}" for t in tasks), f"{sum(scores.values()) / len(scores):.3f}",
+                      f"{-loss['scalar']:.3f}")
     return table

@@ -70,4 +70,4 @@ def test_demo_runs_end_to_end_on_the_tiny_zoo(tiny_zoo, tmp_path):
                    "--run-dir", str(tmp_path / "demo"))
     assert done.returncode == 0, done.stderr
     assert "Evo-Merging (searched)" in done.stdout and "TIES (density 0.5)" in done.stdout
-    assert "expert add" in done.stdout
+    assert "expert add" in done.stdout and "mean CE" in done.stdout
