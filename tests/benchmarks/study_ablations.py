@@ -8,6 +8,9 @@
 2. Step size: the searched Evo-Merging variants again, with CMA-ES sigma0 0.2 instead of the
    paper's 0.05, same budget and seeds. Shows whether the order of the variants is the method's
    or the step size's (with sigma0 0.05, 67 stage-1 evaluations barely move a density from 1).
+3. LoRA merge form (LoRA pool): the full method at the paper's settings but merging the experts'
+   dense delta-Ws (`lora_merge: dense`, as the classic recipes do) instead of the paper's low-rank
+   A = sum b_i TopMag(A_i), B = sum b_i B_i, whose product carries cross terms B_i A_j.
 
 Runs go under runs/study-ablations/, results to tests/benchmarks/results/ablations.{md,json}.
 """
@@ -61,22 +64,25 @@ def main() -> None:
     for kind in args.pools.split(","):
         pool_spec = resolve_pool_spec(POOLS[kind], args.zoo.resolve(), f"pool {kind}")
         experts = open_pool(pool_spec).names
-        runs = {name: [] for name in VARIANTS}
+        variants = {f"{name}, sigma0 {args.sigma0:g}": (searched_spaces(kind)[name], args.sigma0) for name in VARIANTS}
+        if kind == "lora":
+            variants["Evo-Merging (both stages), dense LoRA merge, sigma0 0.05"] = ({"preset": "evo-merging"}, 0.05)
+        runs = {name: [] for name in variants}
         for seed in range(args.seeds):
-            for name in VARIANTS:
-                print(f"[{time.perf_counter() - started:7.1f}s] [{kind}] {name} sigma0 {args.sigma0} seed {seed}", flush=True)
-                config = SearchConfig(name=f"ablation-{kind}", pool=pool_spec, space=searched_spaces(kind)[name],
+            for name, (space, sigma0) in variants.items():
+                print(f"[{time.perf_counter() - started:7.1f}s] [{kind}] {name} seed {seed}", flush=True)
+                config = SearchConfig(name=f"ablation-{kind}", pool=pool_spec, space=space,
                                       suite=str(VAL_SUITE), backend=BACKEND, budget=args.budget, seed=seed,
-                                      optimizer={"sigma0": args.sigma0}, workers=WorkersConfig(count=args.workers),
+                                      optimizer={"sigma0": sigma0}, workers=WorkersConfig(count=args.workers),
                                       references=False)
-                slug = name.replace(" ", "-").replace("(", "").replace(")", "")
-                run, _ = run_search(config, args.runs / kind / f"{slug}-sigma{args.sigma0:g}-seed{seed}", print)
+                slug = "".join(c if c.isalnum() or c in ".-" else "-" for c in name)
+                run, _ = run_search(config, args.runs / kind / f"{slug}-seed{seed}", print)
                 runs[name].append(run)
         scorer = Scorer(pool_spec, threads=2)
         rows = []
         for name, seeded in runs.items():
             bests = [run.best(1)[0] for run in seeded]
-            rows.append(summarize(scorer, f"{name}, sigma0 {args.sigma0:g}", "searched", [b.recipe for b in bests],
+            rows.append(summarize(scorer, name, "searched", [b.recipe for b in bests],
                                   args.budget, [b.objective for b in bests], ""))
         results["pools"][kind] = {"sweep": density_sweep(scorer, experts, kind), "rows": rows}
     results["meta"]["seconds"] = time.perf_counter() - started
@@ -98,8 +104,7 @@ def markdown(results: dict) -> str:
                   "|---" * (len(densities) + 1) + "|"]
         for weight, row in pool["sweep"].items():
             lines.append(f"| {weight} | " + " | ".join(f"{row[d]:.3f}" for d in densities) + " |")
-        lines += ["", f"Searched with CMA-ES sigma0 {meta['sigma0']:g} (budget {meta['budget']}, "
-                  f"{meta['seeds']} seeds; mean ± std):", "",
+        lines += ["", f"Searched (budget {meta['budget']}, {meta['seeds']} seeds; mean ± std):", "",
                   "| method | val objective | val mean -CE | test mean -CE | test mean EM |", "|---|---:|---:|---:|---:|"]
         for row in pool["rows"]:
             lines.append(f"| {row['method']} | {_fmt(row['val_objective'])} | {_fmt(row['val_mean'])} | "
