@@ -159,3 +159,23 @@ def test_secrets_and_bad_endpoints_in_the_config_are_refused(tmp_path, pool, bac
     path.write_text(yaml.safe_dump({"pool": pool, "space": "lorahub", **({"backend": backend} if backend else {})}))
     with pytest.raises(ConfigError, match=message):
         load_search_config(path)
+
+
+def test_a_queued_request_whose_client_has_gone_is_skipped(tiny_zoo):
+    import socket as socketlib
+
+    from evomerge.config import resolve_pool_spec
+    from evomerge.provider import Provider, _client_gone
+
+    provider = Provider(resolve_pool_spec("pool-full.yaml", tiny_zoo, "zoo"), SUITE, {"name": "hf", "batch_size": 64},
+                        threads=1)
+    recipe = {"method": "linear", "experts": {"add": {"weight": 1.0}}}
+    assert provider.evaluate(recipe, wanted=lambda: False) is None  # nothing run for a client that left
+    assert provider.evaluate(recipe)["status"] == "ok"
+    ours, theirs = socketlib.socketpair()
+    try:
+        assert not _client_gone(ours)  # connected, nothing sent
+        theirs.close()
+        assert _client_gone(ours)  # the peer hung up
+    finally:
+        ours.close()
