@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -83,8 +84,9 @@ def plot_pareto(run: Run, path: Path) -> Path:
 
 
 def method_of(run: Run) -> str:
-    """A run's name without its seed suffix: runs/ties-seed0 and runs/ties-seed1 are one method."""
-    return re.sub(r"[-_]seed\d+$", "", run.path.name)
+    """PARENT/NAME without a seed suffix: runs/full/ties-seed0 and runs/full/ties-seed1 are one
+    method, runs/lora/ties-seed0 another."""
+    return f"{run.path.parent.name}/{re.sub(r'[-_]seed[0-9]+$', '', run.path.name)}"
 
 
 def best_so_far(run: Run) -> np.ndarray:
@@ -107,10 +109,14 @@ def plot_compare(runs: list[Run], path: Path, baselines: dict[str, float] | None
     for method, curves in groups.items():
         n = min(len(c) for c in curves)
         stack = np.array([c[:n] for c in curves])
+        stack[~np.isfinite(stack)] = np.nan  # a seed with no success yet: left out, not -inf
         x = np.arange(1, n + 1)
-        line, = ax.plot(x, stack.mean(0), label=f"{method} ({len(curves)} run{'s' if len(curves) > 1 else ''})")
+        with warnings.catch_warnings():  # columns where no seed has succeeded yet stay blank
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean, low, high = np.nanmean(stack, 0), np.nanmin(stack, 0), np.nanmax(stack, 0)
+        line, = ax.plot(x, mean, label=f"{method} ({len(curves)} run{'s' if len(curves) > 1 else ''})")
         if len(curves) > 1:
-            ax.fill_between(x, stack.min(0), stack.max(0), color=line.get_color(), alpha=0.15)
+            ax.fill_between(x, low, high, color=line.get_color(), alpha=0.15)
     styles = itertools.cycle(["--", ":", "-.", (0, (1, 4))])
     for label, value in (baselines or {}).items():
         ax.axhline(value, color="grey", linestyle=next(styles), label=label)

@@ -28,13 +28,14 @@ def summary_line(run: Run) -> str:
 def compare_table(runs: list[Run]) -> Table:
     """One row per run: state, evaluations, failures, best objective and its mean task score."""
     table = Table(title="runs (objective: lower is better; mean task score: higher is better)")
-    table.add_column("run", no_wrap=True, min_width=max(len(run.path.name) for run in runs))  # names stay whole
+    labels = [f"{run.path.parent.name}/{run.path.name}" for run in runs]
+    table.add_column("run", no_wrap=True, min_width=max(map(len, labels)))  # names stay whole
     for column in ("state", "evals", "failed", "best objective", "its mean score"):
         table.add_column(column, justify="left" if column == "state" else "right")
-    for run in runs:
+    for label, run in zip(labels, runs):
         evaluations, best = run.evaluations(), run.best(1)
         mean = sum(best[0].scores.values()) / len(best[0].scores) if best and best[0].scores else None
-        table.add_row(run.path.name, run.status().get("state", "?"), f"{len(evaluations)}/{run.config()['budget']}",
+        table.add_row(label, run.status().get("state", "?"), f"{len(evaluations)}/{run.config()['budget']}",
                       str(sum(not e.ok for e in evaluations)), f"{best[0].objective:.4f}" if best else "-",
                       f"{mean:.4f}" if mean is not None else "-")
     return table

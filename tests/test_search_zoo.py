@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,9 @@ from evomerge.run import Run
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "evomerge.cli", *args], capture_output=True, text=True)
+def run_cli(*args, env: dict | None = None):
+    return subprocess.run([sys.executable, "-m", "evomerge.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
 
 
 @pytest.mark.parametrize("pool, space", [
@@ -67,7 +69,7 @@ def test_nan_candidate_on_a_real_merge_is_a_failed_result(tiny_zoo):
 
 def test_demo_runs_end_to_end_on_the_tiny_zoo(tiny_zoo, tmp_path):
     done = run_cli("demo", "--zoo", str(tiny_zoo), "--size", "tiny", "--budget", "6", "--workers", "2",
-                   "--run-dir", str(tmp_path / "demo"))
+                   "--run-dir", str(tmp_path / "demo"), env={"COLUMNS": "200"})  # no wrapped names
     assert done.returncode == 0, done.stderr
     assert "Evo-Merging (searched)" in done.stdout and "TIES (density 0.5)" in done.stdout
     assert "expert add" in done.stdout and "mean CE" in done.stdout

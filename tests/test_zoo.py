@@ -115,20 +115,13 @@ def test_lora_adapters_load_onto_the_base(tiny_zoo):
 
 
 @pytest.mark.slow
-def test_merging_the_experts_is_a_winnable_problem(tiny_zoo):
+def test_the_average_of_the_experts_loses_to_each_expert_on_its_own_task(tiny_zoo):
+    # (the build itself checks the rest: check_mergeable, tested below)
     scores = json.loads((tiny_zoo / "scores.json").read_text())["scores"]
-
-    def mean(model: str) -> float:
-        return sum(scores[model][t]["val_loss"] for t in TASKS) / len(TASKS)
-
     for kind in ("full", "lora"):
-        for task in TASKS:  # each expert is the best model on its own task ...
-            rivals = ["base", *(f"{kind}/{t}" for t in TASKS if t != task)]
+        for task in TASKS:  # the task vectors interfere: the plain average is not a free lunch
             own = scores[f"{kind}/{task}"][task]["val_loss"]
-            assert all(own < scores[r][task]["val_loss"] for r in rivals), f"{kind}/{task} on {task}"
-            # ... and the plain average loses some of that (the task vectors interfere)
             assert scores[f"average/{kind}"][task]["val_loss"] > own, f"average/{kind} on {task}"
-        assert mean(f"average/{kind}") < mean("base"), f"average/{kind} does not beat the base"
 
 
 def test_a_zoo_where_merging_cannot_win_is_refused():
