@@ -212,15 +212,15 @@ def _output_dtype(recipe: Recipe, pool: Pool, name: str, dtype: str | None) -> t
 def write_model_dir(recipe: Recipe, pool: Pool, out: Path, device: str = "cpu", dtype: str | None = None,
                     on_tensor: Callable[[str], None] | None = None, shard_bytes: int = SHARD_BYTES) -> Path:
     """Stream the merge into an HF model directory: shards, index, config, tokenizer, recipe.yaml."""
-    out = _check_output(out)
-    with _staged(out) as staging:
+    out = check_output_dir(out)
+    with staged_dir(out) as staging:
         _write_shards(recipe, pool, staging, device, dtype, on_tensor, shard_bytes)
         _copy_model_files(pool.base_path, staging, dtype or recipe.dtype)
         recipe.save(staging / "recipe.yaml")
     return out
 
 
-def _check_output(out: Path) -> Path:
+def check_output_dir(out: Path) -> Path:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise EvomergeError(f"{out} exists and is not empty; choose another output directory or remove it")
@@ -228,7 +228,7 @@ def _check_output(out: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _staged(out: Path) -> Iterator[Path]:
+def staged_dir(out: Path) -> Iterator[Path]:
     """A temporary directory beside `out`, renamed to `out` on success, removed on any failure."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -293,7 +293,7 @@ def write_adapter_dir(recipe: Recipe, pool: Pool, out: Path, device: str = "cpu"
     if recipe.lora_merge != "lowrank":
         raise ConfigError("only lora_merge: lowrank recipes stay low rank; use write_model_dir for dense merges")
     check_recipe(recipe, pool)
-    out = _check_output(out)
+    out = check_output_dir(out)
     source = TensorSource(pool, device)
     first = next(iter(pool.experts.values()))
     tensors, rank, targets = {}, None, set()
@@ -309,7 +309,7 @@ def write_adapter_dir(recipe: Recipe, pool: Pool, out: Path, device: str = "cpu"
         tensors[f"base_model.model.{module}.lora_B.weight"] = B.cpu().contiguous()
     config = {key: value for key, value in first.config.items() if key not in ("alpha_pattern", "rank_pattern")}
     config.update({"r": rank, "lora_alpha": rank, "use_rslora": False, "target_modules": sorted(targets)})
-    with _staged(out) as staging:
+    with staged_dir(out) as staging:
         save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
         (staging / "adapter_config.json").write_text(json.dumps(config, indent=2))
         recipe.save(staging / "recipe.yaml")

@@ -112,19 +112,18 @@ def pick_candidate(run: Run, pick: str) -> Evaluation:
 def export_candidate(run: Run, pick: str, output: Path, device: str = "cpu", dtype: str | None = None) -> Path:
     """The candidate's merged model (or low-rank adapter) + recipe.yaml + mergekit.yaml where expressible."""
     from evomerge.config import open_pool
-    from evomerge.materialize import write_adapter_dir, write_model_dir
+    from evomerge.materialize import check_output_dir, staged_dir, write_adapter_dir, write_model_dir
 
     chosen = pick_candidate(run, pick)
     recipe = Recipe.model_validate(chosen.recipe)
     pool_spec = run.config()["pool"]
     if is_remote(pool_spec):  # the weights are the provider's: hand over the merge config to run there
-        if output.exists() and (not output.is_dir() or any(output.iterdir())):
-            raise EvomergeError(f"{output} exists and is not empty; choose a new directory")
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "merge.yaml").write_text(  # `evomerge merge merge.yaml -o DIR`, where the pool is
-            f"pool: POOL.yaml  # the provider's pool ({pool_spec['endpoint']})\n"
-            + yaml.safe_dump({"recipe": recipe.model_dump(mode="json")}, sort_keys=False))
-        recipe.save(output / "recipe.yaml")
+        output = check_output_dir(output)
+        with staged_dir(output) as staging:
+            (staging / "merge.yaml").write_text(  # `evomerge merge merge.yaml -o DIR`, where the pool is
+                f"pool: POOL.yaml  # the provider's pool ({pool_spec['endpoint']})\n"
+                + yaml.safe_dump({"recipe": recipe.model_dump(mode="json")}, sort_keys=False))
+            recipe.save(staging / "recipe.yaml")
         return output
     pool = open_pool(pool_spec)
     if recipe.lora_merge == "lowrank":
