@@ -44,6 +44,9 @@ from pathlib import Path
 import torch
 
 from evomerge.errors import EvomergeError
+from evomerge.materialize import merge_state_dict
+from evomerge.pool import Pool
+from evomerge.recipe import Recipe
 from evomerge.zoo_tasks import ALPHABET, PRETRAIN_MIX, TASKS, eval_splits, train_records, write_data
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3
@@ -357,7 +360,7 @@ def scores_markdown(table: dict) -> str:
     lines = ["| model | " + " | ".join(tasks) + " | mean |", "|---" * (len(tasks) + 2) + "|"]
     for model, row in table["scores"].items():
         cells = [f"{row[t]['val_loss']:.3f} / {row[t]['test_acc']:.0%}" for t in tasks]
-        loss = sum(row[t]["val_loss"] for t in tasks) / len(tasks)
+        loss = _mean_loss(row, tasks)
         acc = sum(row[t]["test_acc"] for t in tasks) / len(tasks)
         lines.append(f"| {model} | " + " | ".join(cells) + f" | {loss:.3f} / {acc:.0%} |")
     return "\n".join(lines) + "\n"
@@ -367,22 +370,6 @@ def expert_mix(task: str, spec: ZooSize) -> list[str]:
     """The batch mix of an expert's fine-tune: its task, with the pre-training mix replayed so
     that the expert keeps what the base knows (the format, every character)."""
     return [task] * spec.expert_replay + list(PRETRAIN_MIX)
-
-
-class _RunningMean:
-    """The element-wise mean of state dicts, added one at a time (one expert in memory at once)."""
-
-    def __init__(self):
-        self.total: dict[str, torch.Tensor] = {}
-        self.count = 0
-
-    def add(self, state: dict[str, torch.Tensor]) -> None:
-        for key, value in state.items():
-            self.total[key] = self.total.get(key, 0) + value.detach().double()
-        self.count += 1
-
-    def mean(self) -> dict[str, torch.Tensor]:
-        return {key: (value / self.count).float() for key, value in self.total.items()}
 
 
 def _mean_loss(row: dict[str, dict[str, float]], tasks: list[str]) -> float:
@@ -429,7 +416,6 @@ def _build(tmp: Path, final: Path, spec: ZooSize, tasks: list[str], splits: dict
     save_model(base, tokenizer, tmp / "base")
     scores = {}
     tick = phase("scoring", 1 + 2 * len(tasks) + 2)
-    averages = {"full": _RunningMean(), "lora": _RunningMean()}
     scores["base"] = score(base, tokenizer, splits)
     tick and tick()
 
@@ -440,7 +426,6 @@ def _build(tmp: Path, final: Path, spec: ZooSize, tasks: list[str], splits: dict
               f"{seed}/expert", phase(f"full/{task}", spec.full_steps))
         save_model(model, tokenizer, tmp / "full" / task)
         scores[f"full/{task}"] = score(model, tokenizer, splits)
-        averages["full"].add(model.state_dict())
         tick and tick()
 
     for i, task in enumerate(tasks):
@@ -457,11 +442,12 @@ def _build(tmp: Path, final: Path, spec: ZooSize, tasks: list[str], splits: dict
         config_json["base_model_name_or_path"] = str(final / "base")
         adapter_config.write_text(json.dumps(config_json, indent=2) + "\n")
         scores[f"lora/{task}"] = score(model, tokenizer, splits)
-        averages["lora"].add(model.merge_and_unload().state_dict())
         tick and tick()
 
-    for kind, average in averages.items():
-        base.load_state_dict(average.mean())
+    for kind in ("full", "lora"):  # the plain average, merged by evomerge's own engine
+        average = Recipe(method="linear", experts={task: {"weight": 1.0} for task in tasks})
+        pool = Pool(tmp / "base", {task: tmp / kind / task for task in tasks})
+        base.load_state_dict(merge_state_dict(average, pool))
         scores[f"average/{kind}"] = score(base, tokenizer, splits)
         tick and tick()
     check_mergeable(scores, tasks)
