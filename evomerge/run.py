@@ -3,27 +3,35 @@
     runs/NAME/
       config.yaml         the resolved config, as run (no secrets)
       evaluations.jsonl   one line per finished candidate, appended and fsynced per line
-      checkpoint.pkl      optimizer state + counters + in-flight candidates, written atomically
+      checkpoint.json     stage, counters, in-flight candidates and the optimizer's state (its
+                          constructor's arguments + journal of asks and tells), written atomically;
+                          plain JSON with a `format` version: nothing in a run dir is ever unpickled
       references.json     the base's and each expert's scores on the same suite
       provider.json       what the provider served (remote pools only); resume checks it
       pareto.json         non-dominated set over the per-task scores, with hypervolume
-      status.json         state (running / finished / failed), pid, heartbeat, for `show` while live
+      status.json         state (running / finished / failed / stopped), pid, heartbeat, for `show`
+      lock                flock()ed by the process running the run (search or resume) for the whole
+                          run; holds its pid and host, for the message a second process gets
       export/             merged models written by `evomerge export`
 
 Like Optuna's journal storage, the append-only log is the truth: the checkpoint is derived, and a
 logged evaluation the checkpoint has not seen yet is told again on resume, never re-evaluated.
+A resume reads the log strictly (``checked_evaluations``): a torn last line (a kill mid-write) is
+cut off and said so, a corrupt or duplicated line anywhere else stops it with file:line.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import json
 import os
-import pickle
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import yaml
@@ -32,24 +40,40 @@ from evomerge.errors import EvomergeError
 
 CONFIG = "config.yaml"
 EVALUATIONS = "evaluations.jsonl"
-CHECKPOINT = "checkpoint.pkl"
+CHECKPOINT = "checkpoint.json"
+CHECKPOINT_FORMAT = 1
+LEGACY_CHECKPOINT = "checkpoint.pkl"  # older evomerge's pickle: never loaded
+LOCK = "lock"
 REFERENCES = "references.json"
 PARETO = "pareto.json"
 STATUS = "status.json"
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write-then-rename: a reader (or a crash) sees the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    """Write-then-rename: a reader (or a crash) sees the old file or the new one, never half.
+    A failed write (disk full, read-only file system) leaves the old file and is one line."""
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
+            umask = os.umask(0o022)  # read it back: mkstemp makes the file 0600, a run dir is for sharing
+            os.umask(umask)
+            os.fchmod(handle.fileno(), 0o666 & ~umask)  # the mode open() gives a new file
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as error:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise EvomergeError(write_failed(path, error)) from error
         raise
+
+
+def write_failed(path: Path, error: OSError) -> str:
+    return (f"cannot write {path}: {error.strerror or error}; nothing logged is lost: free space or make the "
+            f"directory writable, then `evomerge resume {path.parent}`")
 
 
 @dataclass
@@ -76,6 +100,7 @@ class Evaluation:
 class Run:
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._lock: int | None = None  # the lock file's descriptor while this process runs the run
 
     # ---- lifecycle --------------------------------------------------------------------------
     @classmethod
@@ -84,9 +109,20 @@ class Run:
         if (path / CONFIG).exists():
             raise EvomergeError(f"{path} already holds a run; continue it with `evomerge resume {path}` "
                                 "or choose another --run-dir")
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise EvomergeError(f"cannot create the run directory {path}: {error.strerror or error}") from error
         run = cls(path)
-        atomic_write(path / CONFIG, yaml.safe_dump(config, sort_keys=False).encode())
+        run.lock()  # two searches into one new directory: one of them gets it
+        try:
+            if (path / CONFIG).exists():
+                raise EvomergeError(f"{path} already holds a run; continue it with `evomerge resume {path}` "
+                                    "or choose another --run-dir")
+            atomic_write(path / CONFIG, yaml.safe_dump(config, sort_keys=False).encode())
+        except BaseException:
+            run.release_lock()
+            raise
         return run
 
     @classmethod
@@ -99,50 +135,170 @@ class Run:
     def config(self) -> dict[str, Any]:
         return yaml.safe_load((self.path / CONFIG).read_text())
 
+    # ---- the lock ---------------------------------------------------------------------------
+    def lock(self) -> None:
+        """Hold the run's exclusive lock until ``release_lock`` (or this process ends, even by
+        SIGKILL: the kernel drops it). A status file and a pid are not a lock: pids are reused and
+        another host's are invisible; flock works across processes and (NFSv4) hosts."""
+        if self._lock is not None:
+            return
+        file = self.path / LOCK
+        try:
+            fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise EvomergeError(f"cannot lock the run {self.path}: {error.strerror or error} ({file})") from error
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise EvomergeError(f"run {self.path} is being run by another process "
+                                f"(pid {holder.get('pid', '?')} on host {holder.get('host', '?')})") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)
+        except OSError:
+            pass  # the lock holds without its note (read-only lock file)
+        self._lock = fd
+
+    def release_lock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # the lock file stays: removing it would let two processes lock two files
+            self._lock = None
+
+    @property
+    def locked(self) -> bool:
+        return self._lock is not None
+
     # ---- the log ----------------------------------------------------------------------------
     def append(self, evaluation: Evaluation) -> None:
-        line = json.dumps(evaluation.__dict__, default=_jsonable) + "\n"
-        with open(self.path / EVALUATIONS, "a") as handle:
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
+        line = (json.dumps(evaluation.__dict__, default=_jsonable) + "\n").encode()
+        file = self.path / EVALUATIONS
+        try:
+            with open(file, "a+b") as handle:
+                end = handle.seek(0, os.SEEK_END)
+                if end > 0:
+                    handle.seek(end - 1)
+                    if handle.read(1) != b"\n":
+                        line = b"\n" + line  # never glue a record onto a torn one: each stays its own line
+                handle.write(line)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as error:
+            raise EvomergeError(write_failed(file, error)) from error
 
     def evaluations(self) -> list[Evaluation]:
-        """Every logged evaluation; a torn last line (a kill mid-write) is ignored."""
+        """Every logged evaluation, for readers (show, export, a live display): a torn last line
+        (a kill, or a run mid-write) and unreadable lines are skipped. A resume uses
+        ``checked_evaluations``, which refuses what this skips."""
         file = self.path / EVALUATIONS
         if not file.is_file():
             return []
         found = []
-        for line in file.read_text().splitlines():
+        for line in file.read_bytes().splitlines():
             try:
-                found.append(Evaluation(**json.loads(line)))
-            except (ValueError, TypeError):
+                found.append(_evaluation(line))
+            except ValueError:
                 continue
+        return found
+
+    def checked_evaluations(self, note: Callable[[str], None]) -> list[Evaluation]:
+        """The log as a resume must see it: a torn last line (a stop mid-write: its candidate was
+        never told, so it runs again) is cut off and ``note``d; a last line missing only its newline
+        gets one; an unreadable line elsewhere or an id logged twice is an EvomergeError naming
+        file:line, since skipping it would lose or double a record."""
+        file = self.path / EVALUATIONS
+        if not file.is_file():
+            return []
+        try:
+            data = file.read_bytes()
+            lines = data.split(b"\n")
+            tail = lines.pop()  # what follows the last newline: empty when the file ends with one
+            if tail:
+                number = len(lines) + 1
+                try:
+                    _evaluation(tail)
+                except ValueError:
+                    os.truncate(file, len(data) - len(tail))
+                    note(f"{file}:{number}: removed a torn last line ({len(tail)} bytes, cut short by a stop "
+                         "mid-write); its candidate runs again")
+                else:
+                    with open(file, "ab") as handle:
+                        handle.write(b"\n")
+                        os.fsync(handle.fileno())
+                    lines.append(tail)
+                    note(f"{file}:{number}: the last line had no newline (a stop mid-write); added one")
+        except OSError as error:
+            raise EvomergeError(f"cannot repair {file}: {error.strerror or error}") from error
+        found: list[Evaluation] = []
+        first_line: dict[int, int] = {}
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                evaluation = _evaluation(line)
+            except ValueError as why:
+                raise EvomergeError(f"{file}:{number}: not an evaluation record ({why}); restore that line, or "
+                                    f"delete it and {CHECKPOINT} to rebuild the run's state from the rest of the log") from None
+            if evaluation.id in first_line:
+                raise EvomergeError(f"{file}:{number}: id {evaluation.id} is logged twice (also at line "
+                                    f"{first_line[evaluation.id]}); delete one of the two lines and {CHECKPOINT} "
+                                    "to rebuild the run's state from the log") from None
+            first_line[evaluation.id] = number
+            found.append(evaluation)
         return found
 
     # ---- checkpoint -------------------------------------------------------------------------
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        atomic_write(self.path / CHECKPOINT, pickle.dumps(state))
+        data = {"format": CHECKPOINT_FORMAT, **state}
+        atomic_write(self.path / CHECKPOINT, json.dumps(data, default=_jsonable).encode())
 
     def load_checkpoint(self) -> dict[str, Any] | None:
+        """The checkpoint's data, or None when there is none. Empty, cut short, not JSON or of
+        another format: an EvomergeError that says how to rebuild it from the log."""
         file = self.path / CHECKPOINT
         if not file.is_file():
             return None
-        return pickle.loads(file.read_bytes())
+        rebuild = f"delete it to rebuild the run's state from {EVALUATIONS}, then resume"
+        try:
+            text = file.read_text()
+        except (OSError, UnicodeDecodeError) as error:
+            raise EvomergeError(f"cannot read {file}: {getattr(error, 'strerror', None) or error}; {rebuild}") from error
+        if not text.strip():
+            raise EvomergeError(f"{file} is empty; {rebuild}")
+        try:
+            data = json.loads(text)
+        except ValueError as error:
+            raise EvomergeError(f"{file} is not valid JSON ({error}): cut short or edited; {rebuild}") from None
+        if not isinstance(data, dict) or "format" not in data:
+            raise EvomergeError(f"{file} is not an evomerge checkpoint (no `format`); {rebuild}")
+        if data["format"] != CHECKPOINT_FORMAT:
+            raise EvomergeError(f"{file} has format {data['format']!r}, this evomerge reads format "
+                                f"{CHECKPOINT_FORMAT}: resume with the evomerge that wrote it, or {rebuild}")
+        return data
 
     # ---- small JSON records -----------------------------------------------------------------
     def write_json(self, name: str, data: Any) -> None:
         atomic_write(self.path / name, json.dumps(data, indent=1, default=_jsonable).encode())
 
     def read_json(self, name: str) -> Any:
+        """A small JSON record, None when absent; unreadable JSON is one line that says what to do."""
         file = self.path / name
-        return json.loads(file.read_text()) if file.is_file() else None
+        if not file.is_file():
+            return None
+        try:
+            return json.loads(file.read_text())
+        except (ValueError, OSError) as error:
+            raise EvomergeError(f"{file} is not valid JSON ({error}); {_FIX_JSON.get(name, 'restore or delete it')}") from None
 
     def set_status(self, state: str, **extra: Any) -> None:
         self.write_json(STATUS, {"state": state, "pid": os.getpid(), "updated": time.time(), **extra})
 
     def status(self) -> dict[str, Any]:
-        status = self.read_json(STATUS) or {"state": "created"}
+        try:
+            status = self.read_json(STATUS) or {"state": "created"}
+        except EvomergeError as error:  # advisory only: a resume rewrites it
+            return {"state": "unknown", "reason": str(error)}
         if status.get("state") == "running" and not _alive(status.get("pid")):
             status["state"] = "stopped"  # the process is gone: killed or crashed; resume continues it
         return status
@@ -169,6 +325,38 @@ class Run:
         return front
 
 
+_FIX_JSON = {
+    REFERENCES: "delete it and resume: the references are scored again",
+    STATUS: "delete it: the next search or resume writes it again",
+    PARETO: "delete it: it is computed again from the log when the run finishes",
+}
+
+
+def _evaluation(line: bytes) -> Evaluation:
+    """One log line as an Evaluation; ValueError (saying why) for anything else."""
+    try:
+        record = json.loads(line)
+    except ValueError as error:
+        raise ValueError(f"not JSON: {error}") from None
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    try:
+        evaluation = Evaluation(**record)
+    except TypeError as error:
+        raise ValueError(str(error).replace("Evaluation.__init__() ", "")) from None
+    if not isinstance(evaluation.id, int) or not isinstance(evaluation.stage, int):
+        raise ValueError("id and stage must be integers")
+    return evaluation
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return holder if isinstance(holder, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def _alive(pid: Any) -> bool:
     if not isinstance(pid, int):
         return False
@@ -182,6 +370,8 @@ def _alive(pid: Any) -> bool:
 
 
 def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, (np.floating, np.integer)):

@@ -8,11 +8,17 @@
 Ordering makes kill -9 at any moment safe: a candidate is checkpointed as in flight before it is
 dispatched, and logged (fsync) before it is told. On resume, a logged candidate the checkpoint
 still has in flight is told from the log; any other in-flight candidate is evaluated again.
+
+A resume reconciles the log and the checkpoint first (``_restore``): a torn last log line is cut
+off (its candidate runs again), and a checkpoint that is missing, or does not match the log, is
+rebuilt from the log (``_rebuild``); a log shorter than the checkpoint counted is refused. The run's
+lock (``Run.lock``) is held for the whole of ``execute``: a second search or resume is refused.
 """
 
 from __future__ import annotations
 
 import collections
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +31,7 @@ from evomerge.errors import EvomergeError
 from evomerge.optimizers import backend_of, merge_optimizer_config, optimizer_from_config
 from evomerge.provider import is_remote, pool_info
 from evomerge.recipe import Recipe
-from evomerge.run import REFERENCES, Evaluation, Run
+from evomerge.run import CHECKPOINT, EVALUATIONS, LEGACY_CHECKPOINT, REFERENCES, Evaluation, Run
 
 PROVIDER = "provider.json"  # what a remote pool's provider served: experts, layers, suite, tasks
 STAGE_OFFSET = 1_000_000  # candidate id = stage * STAGE_OFFSET + the optimizer's id
@@ -40,14 +46,30 @@ class InFlight:
 
 @dataclass
 class State:
-    """Everything a resume needs besides the log; pickled into checkpoint.pkl."""
+    """Everything a resume needs besides the log; written as JSON into checkpoint.json."""
 
     stage: int = 0
-    optimizer: bytes | None = None
+    optimizer: dict[str, Any] | None = None  # Optimizer.state_dict(): plain data
     fixed: dict[str, Any] | None = None  # the recipe earlier stages settled on
     in_flight: dict[int, InFlight] = field(default_factory=dict)
     told: int = 0  # evaluations told in this stage
     asked: int = 0  # candidates asked in this stage
+    logged: int = 0  # evaluations in the log (all stages) when this was written
+    last_id: int | None = None  # the id of the last of them: the log and the checkpoint must agree
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any], where: Path) -> "State":
+        """From checkpoint.json's data; anything malformed is one line naming the file."""
+        data = {k: v for k, v in data.items() if k != "format"}
+        try:
+            in_flight = {int(k): InFlight(**v) for k, v in (data.pop("in_flight", None) or {}).items()}
+            state = cls(**data, in_flight=in_flight)
+            if not all(isinstance(v, int) for v in (state.stage, state.told, state.asked, state.logged)):
+                raise TypeError("stage and the counts must be integers")
+        except (TypeError, ValueError, AttributeError) as error:
+            raise EvomergeError(f"{where} is not a checkpoint this evomerge wrote ({error}); delete it to "
+                                f"rebuild the run's state from {EVALUATIONS}, then resume") from None
+        return state
 
 
 class Search:
@@ -78,24 +100,40 @@ class Search:
     # ---- the public entry ---------------------------------------------------------------------
     def execute(self, run: Run, progress: Any = None) -> Run:
         self.run, self.progress = run, progress
-        self._check_provider()
-        state = self._restore()
-        self.run.set_status("running", budget=self.config.budget)
+        run.lock()  # held for the whole run: a second search or resume of this run is refused
         try:
-            self._start_workers()
-            if self.config.references and self.run.read_json(REFERENCES) is None:
-                self._score_references()
-            while state.stage < self.space.n_stages:
-                self._run_stage(state)
-                self._next_stage(state)
-        except BaseException as error:
-            self.run.set_status("failed" if isinstance(error, Exception) else "stopped", reason=str(error)[:300])
-            raise
+            self._check_provider()
+            state = self._restore()
+            self.run.set_status("running", budget=self.config.budget)
+            try:
+                self._start_workers()
+                if self.config.references and self.run.read_json(REFERENCES) is None:
+                    self._score_references()
+                while state.stage < self.space.n_stages:
+                    self._run_stage(state)
+                    self._next_stage(state)
+                self.run.update_pareto()
+                self.run.set_status("finished", budget=self.config.budget)
+            except BaseException as error:
+                self._record_stop(error)
+                raise
+            finally:
+                self._stop_workers()
         finally:
-            self._stop_workers()
-        self.run.update_pareto()
-        self.run.set_status("finished", budget=self.config.budget)
+            run.release_lock()
         return self.run
+
+    def _record_stop(self, error: BaseException) -> None:
+        """status.json says failed/stopped, not running; when that cannot be written either (the
+        disk that is full), the error being raised is the one the user sees, not this one."""
+        try:
+            self.run.set_status("failed" if isinstance(error, Exception) else "stopped", reason=str(error)[:300])
+        except EvomergeError:
+            pass
+
+    def _note(self, line: str) -> None:
+        """One line for the user (a repair made while resuming), above any live display."""
+        print(f"evomerge: {line}", file=sys.stderr, flush=True)
 
     def _check_provider(self) -> None:
         """A remote run records what its provider served; resuming against another pool or suite
@@ -236,11 +274,12 @@ class Search:
             finished_at=time.time(),
         )
         self.run.append(evaluation)  # the log first: from here on this result survives a kill
+        state.logged, state.last_id = state.logged + 1, evaluation.id
         self._tell(state, optimizer, evaluation)
         if self.progress is not None:
             self.progress(evaluation)
 
-    def _tell(self, state: State, optimizer, evaluation: Evaluation) -> None:
+    def _tell(self, state: State, optimizer, evaluation: Evaluation, save: bool = True) -> None:
         candidate_id = evaluation.id - state.stage * STAGE_OFFSET
         loss: float | list[float] = evaluation.objective
         if self.config.multi_objective:
@@ -249,14 +288,29 @@ class Search:
         optimizer.tell([(candidate_id, loss)])
         state.in_flight.pop(evaluation.id, None)
         state.told += 1
-        state.optimizer = optimizer.state_dict()
-        self.run.save_checkpoint(state.__dict__)
+        if save:
+            state.optimizer = optimizer.state_dict()
+            self.run.save_checkpoint(state.__dict__)
 
     def _tell_logged_in_flight(self, state: State, optimizer, space) -> None:
-        """After a kill between log and checkpoint: tell what the log has, never re-evaluate it."""
-        logged = {e.id: e for e in self.run.evaluations() if e.stage == state.stage}
-        for candidate_id in sorted(set(state.in_flight) & set(logged)):
-            self._tell(state, optimizer, logged[candidate_id])
+        """After a kill between log and checkpoint: tell what the log has, never re-evaluate it.
+        First, the optimizer (replayed from the checkpoint) must have exactly the checkpoint's
+        in-flight candidates out, at the same points: else its proposals would not be the run's."""
+        self._check_in_flight(state, optimizer)
+        for evaluation in self.run.evaluations():  # log order: _restore has checked the log
+            if evaluation.stage == state.stage and evaluation.id in state.in_flight:
+                state.logged, state.last_id = state.logged + 1, evaluation.id
+                self._tell(state, optimizer, evaluation)
+
+    def _check_in_flight(self, state: State, optimizer) -> None:
+        offset = state.stage * STAGE_OFFSET
+        pending = {offset + cid: x for cid, x in optimizer.pending().items()}
+        wrong = sorted(set(pending) ^ set(state.in_flight))
+        wrong += [cid for cid in sorted(set(pending) & set(state.in_flight))
+                  if not np.allclose(pending[cid], state.in_flight[cid].x, rtol=0, atol=1e-9)]
+        if wrong:
+            raise EvomergeError(f"{self.run.path / CHECKPOINT}: the optimizer's state does not match the in-flight "
+                                f"candidate {wrong[0]}; delete {CHECKPOINT} to rebuild the run's state from {EVALUATIONS}")
 
     def _task_names(self) -> list[str]:
         if self.provider_info and self.provider_info["tasks"]:
@@ -325,10 +379,71 @@ class Search:
         self.run.write_json(REFERENCES, {name: results[name] for name in names})
 
     def _restore(self) -> State:
+        """The state to continue from, reconciled with the log, which is the truth: the log may be
+        one record ahead (a kill between logging a result and checkpointing its tell: told from
+        the log by _tell_logged_in_flight), never behind. No checkpoint, or one that disagrees
+        with the log: rebuilt from the log. A log that lost records the checkpoint counted: refused."""
+        log = self.run.checked_evaluations(self._note)
         saved = self.run.load_checkpoint()
+        file, legacy = self.run.path / EVALUATIONS, self.run.path / LEGACY_CHECKPOINT
         if saved is None:
-            return State()
-        return State(**saved)
+            if legacy.is_file():
+                self._note(f"{legacy} (an older evomerge's pickle) is not loaded, since unpickling a file can run "
+                           f"code: the run's state is rebuilt from {EVALUATIONS}")
+            elif log:
+                self._note(f"{self.run.path / CHECKPOINT} is missing: the run's state is rebuilt from {file} "
+                           f"({len(log)} evaluations, none evaluated again)")
+            return self._rebuild(log) if log else State()
+        state = State.from_data(saved, self.run.path / CHECKPOINT)
+        if state.logged and not file.is_file():
+            raise EvomergeError(f"{file} is missing but {CHECKPOINT} counted {state.logged} evaluations: the log is "
+                                "the run's record; restore it to resume")
+        if len(log) < state.logged:
+            raise EvomergeError(f"{file} has {len(log)} evaluations but {CHECKPOINT} counted {state.logged}: records "
+                                f"were lost; restore them, or delete {CHECKPOINT} to continue from what the log holds")
+        seen, ahead = log[:state.logged], log[state.logged:]
+        if (seen and seen[-1].id != state.last_id) or any(
+                e.stage != state.stage or e.id not in state.in_flight for e in ahead):
+            self._note(f"{self.run.path / CHECKPOINT} does not match {file}: the run's state is rebuilt from the log")
+            return self._rebuild(log)
+        return state
+
+    def _rebuild(self, log: list[Evaluation]) -> State:
+        """The state from the log alone. Each earlier stage settles on its best (as _next_stage
+        does); the last stage's optimizer is replayed as the loop drives it (candidates asked while
+        workers are idle, results told in log order), checking each logged genome comes out again.
+        Asked but not logged: in flight, run again. Exact for cmaes, random and grid; a nevergrad
+        run whose asks came in another order cannot be rebuilt and says so."""
+        state = State(stage=max(e.stage for e in log))
+        for stage in range(state.stage):
+            done = [e for e in log if e.stage == stage and e.ok]
+            if done:
+                state.fixed = min(done, key=lambda e: e.objective).recipe
+        optimizer = self._make_optimizer(self._stage_space(state), state)
+        budget, offset = self.stage_budget(state.stage), state.stage * STAGE_OFFSET
+
+        def ask() -> bool:
+            asked = optimizer.ask(1) if state.asked < budget else []
+            for candidate in asked:
+                state.in_flight[offset + candidate.id] = InFlight(offset + candidate.id, candidate.x.tolist())
+                state.asked += 1
+            return bool(asked)
+
+        for evaluation in (e for e in log if e.stage == state.stage):
+            while len(state.in_flight) < self.config.workers.count and ask():
+                pass
+            while evaluation.id not in state.in_flight and evaluation.id - offset >= optimizer.n_asked and ask():
+                pass
+            candidate = state.in_flight.get(evaluation.id)
+            if candidate is None or not np.allclose(candidate.x, evaluation.genome, rtol=0, atol=1e-9):
+                raise EvomergeError(f"{self.run.path / EVALUATIONS}: replaying the log into a fresh {optimizer.name} "
+                                    f"optimizer does not give candidate {evaluation.id} again, so the run's state "
+                                    f"cannot be rebuilt from the log; restore {CHECKPOINT}")
+            self._tell(state, optimizer, evaluation, save=False)
+        state.logged, state.last_id = len(log), log[-1].id
+        state.optimizer = optimizer.state_dict()
+        self.run.save_checkpoint(state.__dict__)
+        return state
 
 
 def _cores() -> int:
@@ -348,13 +463,20 @@ def search(config: SearchConfig, run_dir: Path, progress: Any = None) -> Run:
 
 
 def open_for_resume(run_dir: Path) -> tuple[Run, Search]:
+    """The run, locked by this process (a second resume, or the search still running it, is
+    refused with its pid and host), and its Search; `execute` continues it and releases the lock."""
     run = Run.open(run_dir)
-    state = run.status().get("state")
-    if state == "finished":
-        raise EvomergeError(f"{run_dir} has finished its budget; start another run to search more")
-    if state == "running":
-        raise EvomergeError(f"{run_dir} is running (pid {run.status().get('pid')}); stop it before resuming")
-    return run, Search(SearchConfig.model_validate(run.config()))
+    run.lock()
+    try:
+        status = run.status()  # "running" here is stale: its process no longer holds the lock
+        if status.get("state") == "finished":
+            raise EvomergeError(f"{run_dir} has finished its budget; start another run to search more")
+        if status.get("state") == "unknown":
+            print(f"evomerge: {status['reason']} (ignored: resume writes it again)", file=sys.stderr)
+        return run, Search(SearchConfig.model_validate(run.config()))
+    except BaseException:
+        run.release_lock()
+        raise
 
 
 def resume(run_dir: Path, progress: Any = None) -> Run:

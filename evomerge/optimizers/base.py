@@ -4,7 +4,14 @@ The search loop only ever sees this class. A backend proposes points in a box (`
 ``upper``, a flat float vector of length ``dim``) and is told losses to MINIMIZE, per candidate id,
 in any order. Ids increase monotonically and are stable: the same seed and the same sequence of
 tells give the same ids and the same points, whether or not the optimizer was serialized and
-restored in between (``state_dict`` holds the whole state, RNG included).
+restored in between.
+
+State (``state_dict``) is plain data, never a pickle: how the optimizer was built (its constructor's
+arguments) and its journal, every ask and tell in order with the losses told. ``load_state_dict``
+builds the optimizer again from those arguments and replays the journal into it, so the backend
+(pycma, nevergrad, the RNGs) reaches exactly the state it had, in this process: nothing from
+another process (pycma's ``sent_solutions`` is keyed by Python's per-process salted ``hash``)
+and no code from a checkpoint file. Restoring costs one replay, milliseconds per generation.
 
 Multi-objective: ``n_objectives > 1`` means each tell carries a list of that many losses.
 Backends that are single-objective (cmaes, random) scalarize with ``weights`` (default: the mean
@@ -17,7 +24,6 @@ and each backend replaces it by something it can rank (documented there).
 from __future__ import annotations
 
 import math
-import pickle
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -28,7 +34,7 @@ from evomerge.errors import ConfigError
 
 Loss = float | Sequence[float]
 
-_STATE_VERSION = 1
+STATE_FORMAT = 2  # 1 was a pickle (evomerge <= 0.x): refused
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,6 +53,11 @@ class Optimizer(ABC):
 
     #: registry name, set by each backend
     name: str = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        self = super().__new__(cls)
+        self._init_args = (args, kwargs)  # what state_dict records to build this optimizer again
+        return self
 
     def __init__(
         self,
@@ -91,6 +102,7 @@ class Optimizer(ABC):
                     f" expected one per objective ({self.n_objectives})"
                 )
         self._next_id = 0
+        self._journal: list[tuple[str, Any]] = []  # ("ask", n) | ("tell", ((id, loss), ...)), in order
         self._pending: dict[int, np.ndarray] = {}  # asked, not yet told
         self.n_told = 0
         self.best: tuple[int, np.ndarray, float] | None = None  # (id, x, scalarized loss)
@@ -107,6 +119,11 @@ class Optimizer(ABC):
         cands = self._ask(n)
         for c in cands:
             self._pending[c.id] = c.x
+        if cands:
+            if self._journal and self._journal[-1][0] == "ask":  # n asks of 1 replay as one ask of n
+                self._journal[-1] = ("ask", self._journal[-1][1] + len(cands))
+            else:
+                self._journal.append(("ask", len(cands)))
         return cands
 
     def tell(self, results: Sequence[tuple[int, Loss]]) -> None:
@@ -125,36 +142,52 @@ class Optimizer(ABC):
             s = self.scalarize(loss)
             if math.isfinite(s) and (self.best is None or s < self.best[2]):
                 self.best = (cid, x, s)
+        self._journal.append(("tell", tuple(checked)))
         self._tell(checked)
 
-    def state_dict(self) -> bytes:
-        """The whole state (backend, counters, RNG) as bytes (pickle)."""
-        return pickle.dumps(
-            {"class": type(self).__name__, "version": _STATE_VERSION, "dim": self.dim, "state": self._get_state()},
-            protocol=pickle.HIGHEST_PROTOCOL,
-        )
+    def state_dict(self) -> dict[str, Any]:
+        """The whole state as JSON-able data: the constructor's arguments and the journal."""
+        args, kwargs = self._init_args
+        return {"format": STATE_FORMAT, "class": type(self).__name__, "dim": self.dim,
+                "init": {"args": plain(args), "kwargs": plain(kwargs)},
+                "journal": plain(self._journal)}
 
-    def load_state_dict(self, b: bytes) -> None:
-        blob = pickle.loads(b)
-        if blob.get("class") != type(self).__name__:
+    def load_state_dict(self, state: Any) -> None:
+        """Become the optimizer ``state`` describes: built again from its arguments (its seed and
+        options, not this object's), then its journal replayed. A state that is not this format,
+        this backend or this many genes is a ConfigError."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ConfigError(f"optimizer state has format {found!r}; this evomerge reads format {STATE_FORMAT}")
+        if state.get("class") != type(self).__name__:
             raise ConfigError(
-                f"checkpoint holds a {blob.get('class')} optimizer state, not {type(self).__name__}:"
+                f"checkpoint holds a {state.get('class')} optimizer state, not {type(self).__name__}:"
                 " resume with the optimizer the run was started with"
             )
-        if blob.get("dim") != self.dim:
+        if state.get("dim") != self.dim:
             raise ConfigError(
-                f"checkpoint optimizer has {blob.get('dim')} genes, this search space has {self.dim}:"
+                f"checkpoint optimizer has {state.get('dim')} genes, this search space has {self.dim}:"
                 " resume with the search space the run was started with"
             )
+        args, kwargs = state["init"]["args"], state["init"]["kwargs"]
         self.__dict__.clear()
-        self._set_state(blob["state"])
+        self.__init__(*args, **kwargs)
+        self._init_args = (tuple(args), dict(kwargs))
+        self.replay(state["journal"])
 
-    def _get_state(self) -> dict[str, Any]:
-        """What ``state_dict`` pickles; by default every attribute."""
-        return self.__dict__
-
-    def _set_state(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+    def replay(self, journal: Sequence[Sequence[Any]]) -> None:
+        """Ask and tell as ``journal`` says (see ``state_dict``); every ask must come out as many
+        candidates as it did, or the backend is not reproducible and cannot resume."""
+        for kind, value in journal:
+            if kind == "ask":
+                got = len(self.ask(int(value)))
+                if got != int(value):
+                    raise ConfigError(f"optimizer {self.name!r}: replaying its journal, an ask gave {got} candidates"
+                                      f" where the run got {value}: this optimizer cannot resume")
+            elif kind == "tell":
+                self.tell([(int(cid), loss) for cid, loss in value])
+            else:
+                raise ConfigError(f"optimizer state: unknown journal entry {kind!r}")
 
     @property
     def generational(self) -> bool:
@@ -170,6 +203,15 @@ class Optimizer(ABC):
     def in_flight(self) -> list[int]:
         """Ids asked and not yet told."""
         return sorted(self._pending)
+
+    def pending(self) -> dict[int, np.ndarray]:
+        """The candidates asked and not yet told: id -> x."""
+        return {cid: x.copy() for cid, x in self._pending.items()}
+
+    @property
+    def n_asked(self) -> int:
+        """Candidates asked so far; ids run 0 .. n_asked - 1."""
+        return self._next_id
 
     # -- helpers for backends -------------------------------------------------------------------
 
@@ -205,7 +247,7 @@ class Optimizer(ABC):
 class GlobalNumpyRNG:
     """A private state for the global ``numpy.random``, for libraries that sample from it (pycma,
     parts of nevergrad). ``with rng:`` installs it, and on exit saves it and restores the caller's.
-    Picklable, so it travels in ``state_dict``."""
+    Rebuilt from its seed and the journal on a restore, like the rest of the state."""
 
     def __init__(self, seed: int):
         self.state = np.random.RandomState(seed).get_state()
@@ -220,8 +262,18 @@ class GlobalNumpyRNG:
         np.random.set_state(self._saved)
         del self._saved
 
-    def __getstate__(self):
-        return {"state": self.state}
+
+def plain(value: Any) -> Any:
+    """``value`` with numpy arrays and scalars as lists and numbers, tuples as lists (for JSON)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    return value
 
 
 def _vector(v: Any, dim: int, what: str) -> np.ndarray:

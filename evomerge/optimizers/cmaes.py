@@ -9,8 +9,12 @@ Ids are assigned when a population is sampled: same seed + same tells -> same id
 RNG: pycma samples from the global ``numpy.random``. Every call into pycma runs with our own
 RandomState installed there (and the caller's restored after), so the RNG is part of our state
 and two optimizers in one process do not disturb each other. pycma's ``randn`` option is set to
-``_GlobalRandn`` because its default, the bound method ``np.random.randn``, would be pickled with
-a copy of the global RandomState and so be detached from it after a restore.
+``_GlobalRandn``, which looks ``np.random.randn`` up at each call, so pycma always draws from the
+state installed there.
+
+State: rebuilt by replaying the journal (``base``), never unpickled: an unpickled pycma in another
+process cannot find its own genotypes (``sent_solutions`` is keyed by the salted ``hash`` of each
+phenotype), re-derives them from clipped phenotypes, and diverges when a gene starts on a bound.
 
 Multi-objective: scalarized by ``weights`` (default the mean). Non-finite losses rank last
 (``finite_or``).

@@ -7,10 +7,9 @@ At most ``num_workers`` candidates are in flight: ``ask`` hands out fewer beyond
 nevergrad's sequential optimizers (which NGOpt picks for num_workers=1, e.g. Cobyla/SQP run in a
 thread) block forever on a second ask before a tell.
 
-State: the nevergrad optimizer is pickled with us. Optimizers that refuse pickling (the
-thread-based sequential ones) are rebuilt instead by replaying our journal of asks and tells into
-a fresh optimizer with the same seed (Optuna-journal style); the replay checks that every point
-comes out again identical.
+State: like every backend (see ``base``), rebuilt on a restore by replaying the journal of asks
+and tells into a fresh nevergrad optimizer with the same seed (Optuna-journal style), which works
+for the thread-based sequential optimizers too; nothing is pickled.
 
 numpy >= 2.4 and nevergrad 1.0.12: nevergrad's MetaModel (which NGOpt picks for small budgets)
 calls ``float()`` on a one-element array, a TypeError since numpy 2.4 (nevergrad issue #1612).
@@ -26,7 +25,6 @@ from __future__ import annotations
 import builtins
 import difflib
 import math
-import pickle
 from typing import Any, Sequence
 
 import nevergrad as ng
@@ -84,7 +82,6 @@ class Nevergrad(Optimizer):
         self.ng_name = name
         self.budget = None if budget is None else int(budget)
         self.num_workers = int(num_workers)
-        self._journal: list[tuple[str, list]] = []  # ("ask", [(id, x)]) | ("tell", [(id, loss)])
         self._worst = -math.inf
         self._build()
         from nevergrad.optimization.optimizerlib import NGOptBase
@@ -112,13 +109,10 @@ class Nevergrad(Optimizer):
                 cid = self._new_id()
                 self._cands[cid] = c
                 out.append(Candidate(cid, np.clip(np.asarray(c.value, dtype=float), self.lower, self.upper)))
-        if out:
-            self._journal.append(("ask", [(c.id, np.asarray(self._cands[c.id].value, dtype=float)) for c in out]))
         return out
 
     def _tell(self, results: list[tuple[int, Any]]) -> None:
         told = [(cid, self._finite(loss)) for cid, loss in results]
-        self._journal.append(("tell", told))
         with self._rng:
             self._tell_ng(told)
 
@@ -136,40 +130,6 @@ class Nevergrad(Optimizer):
         fill = self._worst + 1.0 + abs(self._worst) if math.isfinite(self._worst) else 1e12
         values = [v if math.isfinite(v) else fill for v in values]
         return values[0] if isinstance(loss, float) else values
-
-    # -- state: pickle, or replay the journal -----------------------------------------------------
-
-    def _get_state(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        try:
-            state["_ng"] = pickle.dumps((self.opt, self._cands, self._ids_by_uid, self._rng))
-        except Exception:  # thread-based optimizers: rebuilt from the journal on load
-            state["_ng"] = None
-        for key in ("opt", "_cands", "_ids_by_uid", "_rng"):
-            del state[key]
-        return state
-
-    def _set_state(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        blob = state.pop("_ng")
-        self.__dict__.update(state)
-        if blob is not None:
-            self.opt, self._cands, self._ids_by_uid, self._rng = pickle.loads(blob)
-            return
-        self._build()
-        with self._rng:
-            for kind, items in self._journal:
-                if kind == "tell":
-                    self._tell_ng(items)
-                    continue
-                for cid, x in items:
-                    c = self.opt.ask()
-                    if not np.allclose(np.asarray(c.value, dtype=float), x, rtol=0, atol=1e-12):
-                        raise RuntimeError(
-                            f"nevergrad {self.ng_name}: replaying the journal gave another point for"
-                            f" candidate {cid}; this optimizer is not reproducible, so it cannot resume"
-                        )
-                    self._cands[cid] = c
 
     def pareto(self) -> list[tuple[int, np.ndarray, list[float]]]:
         """The current non-dominated set: (id, x, losses) per point (multi-objective only)."""

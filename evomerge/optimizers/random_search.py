@@ -1,7 +1,8 @@
 """Uniform random search in the box: the baseline every search should beat.
 
-A ``numpy.random.Generator`` (PCG64, seeded) draws each candidate; its state is part of
-``state_dict``. ``include_x0`` makes the first candidate ``x0`` (the preset's starting recipe).
+A ``numpy.random.Generator`` (PCG64, seeded) draws each candidate; a restore replays the journal,
+which draws the same numbers again. ``include_x0`` makes the first candidate ``x0`` (the preset's
+starting recipe).
 Multi-objective losses only feed ``best`` (scalarized by ``weights``, default the mean).
 """
 
