@@ -244,9 +244,12 @@ def serve(
     spec = resolve_pool_spec(str(pool), Path.cwd(), str(pool))
     listening = bind(host, port)
     provider = Provider(spec, suite, {"name": "hf", "batch_size": batch_size}, device=device, threads=threads)
-    server = make_server(provider, listening, token, log=lambda line: console.print(line, highlight=False))
+    # markup=False: expert names and reasons come from clients' recipes (`[/]` would raise)
+    server = make_server(provider, listening, token,
+                         log=lambda line: console.print(line, highlight=False, markup=False))
     console.print(f"serving {len(provider.info['experts'])} experts ({', '.join(provider.info['experts'])}) "
-                  f"scored on {provider.info['suite']} at http://{host}:{server.server_address[1]}", highlight=False)
+                  f"scored on {provider.info['suite']} at http://{host}:{server.server_address[1]}",
+                  highlight=False, markup=False)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -15,230 +15,471 @@ The protocol is two JSON calls, each with `Authorization: Bearer <token>`:
     POST /v1/evaluate   {"recipe": {...}} -> a Worker result: {"status", "scores", "scalar", ...}
 
 Only recipes (a few floats per expert) and scores cross the wire. The provider holds one resident
-Worker and scores one recipe at a time (evaluations queue on a lock, while /v1/pool still answers).
-On the search's side a `RemoteWorker` has the Worker's interface, so the loop is the same loop:
-it runs as a Ray actor (one per concurrent request, no CPU reserved), and a provider that cannot be
-reached or answers with an error turns into a failed, penalized candidate, never a crashed search.
+Worker and scores one recipe at a time; the others wait in a bounded queue (beyond it: 503 with
+Retry-After, nothing queued), while /v1/pool still answers. The server is uvicorn (h11) with limits
+(`Limits`): body size, a deadline for each request's head and body (408), open connections, and
+module patterns that cannot backtrack for long. Every request gets an HTTP answer or, after a
+deadline, is cut off; none crashes or stalls the server. The search's side (`RemoteWorker`, the
+HTTP call) is evomerge/provider_client.py, re-exported here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
-import os
+import math
+import re
+import socket
+import sys
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from evomerge.errors import ConfigError
+from evomerge.provider_client import (  # noqa: F401 - the public names, importable from here as before
+    RETRIES,
+    RETRY_WAIT_S,
+    ProviderError,
+    RemoteWorker,
+    is_remote,
+    pool_info,
+    request,
+    resolve_remote_spec,
+    token_from_env,
+)
+from evomerge.recipe import MODULE_FILTERS
 
-RETRIES = 3  # attempts of a request while the provider refuses connections (GET: also on 5xx); never after a timeout
-RETRY_WAIT_S = 1.0  # doubled after each failed attempt
+try:
+    from re import _parser as _sre_parse  # Python 3.11+
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_parse as _sre_parse
+
 MAX_BODY = 1 << 20  # bytes of one request: a recipe is a few kB
 
 
-def is_remote(pool_spec: Any) -> bool:
-    return isinstance(pool_spec, dict) and "endpoint" in pool_spec
+@dataclass(frozen=True)
+class Limits:
+    """What clients may take from the provider. Beyond each: an HTTP error with a JSON `error`
+    (uvicorn's own plain-text 400/503 for bad HTTP and too many connections); a client too slow
+    gets 408 and its connection is closed."""
+
+    max_body: int = MAX_BODY  # bytes of a POST body: 413 beyond
+    max_queue: int = 32  # evaluations waiting behind the running one: 503 + Retry-After beyond
+    header_timeout_s: float = 10.0  # from connecting (or a request's first byte) to the end of its headers: 408
+    body_timeout_s: float = 30.0  # from the headers to the end of the body: 408
+    max_connections: int = 256  # open at once: uvicorn's own 503 beyond
+    backlog: int = 1024  # connections the kernel holds before accept (the old server had 5: resets)
+    keep_alive_s: int = 5  # an idle connection between requests is closed after this
 
 
-def resolve_remote_spec(spec: dict[str, Any], where: str) -> dict[str, Any]:
-    """{endpoint, token_env} checked; the token itself is never part of a spec (nor of a run dir)."""
-    extra = set(spec) - {"endpoint", "token_env"}
-    if extra:
-        raise ConfigError(f"{where}: a remote pool has `endpoint:` and `token_env:` only, not {sorted(extra)}"
-                          + ("; put the token in an environment variable and name it in token_env"
-                             if extra & {"token", "api_key"} else ""))
-    endpoint = str(spec["endpoint"]).rstrip("/")
-    parsed = urllib.parse.urlsplit(endpoint)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise ConfigError(f"{where}: pool.endpoint must be an http(s) URL, got {endpoint!r}")
-    if parsed.username or parsed.password or parsed.query:
-        raise ConfigError(f"{where}: pool.endpoint must not carry credentials or a query; name the token's "
-                          "environment variable in token_env")
-    return {"endpoint": endpoint, "token_env": str(spec.get("token_env") or "EVOMERGE_TOKEN")}
+# ---- module patterns ------------------------------------------------------------------------
+# An override's `modules:` regex is searched in every tensor name, for every recipe, while the
+# provider's one Worker is busy with it. Python's regex engine backtracks: `(a+)+$` takes
+# exponential time and cannot be interrupted from another thread. So the provider takes only
+# patterns whose backtracking is bounded: repetitions of single characters (`.*`, `\d+`, `[a-z]{2,5}`),
+# few of them, no backreferences. The bound is a count of the ways a match can be tried at one
+# position, with a repetition counted as NAME_LENGTH ways.
+
+NAME_LENGTH = 64  # characters of a typical tensor name (model.layers.31.self_attn.q_proj.weight is 39)
+MAX_PATTERN_CHARS = 200
+MAX_PATTERN_COST = NAME_LENGTH ** 2  # two repetitions, e.g. `layers\.\d+\..*proj`
+MAX_RECIPE_COST = 4 * MAX_PATTERN_COST  # summed over a recipe's overrides
+PATTERN_RULE = (f"the provider takes 'attention', 'mlp' or a regex of at most {MAX_PATTERN_CHARS} characters with "
+                "at most two repetitions (*, +, {m,n}) of single characters or classes, no repeated groups "
+                "that themselves repeat or alternate, and no backreferences")
+_REPEATS = {"MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"}
+_SINGLE_CHARACTER = {"LITERAL", "NOT_LITERAL", "ANY", "IN"}
 
 
-def token_from_env(spec: dict[str, Any]) -> str:
-    token = os.environ.get(spec["token_env"])
-    if not token:
-        raise ConfigError(f"pool {spec['endpoint']}: set the provider's token in ${spec['token_env']}")
-    return token
+class _Unsafe(Exception):
+    pass
 
 
-class ProviderError(Exception):
-    """The provider could not be reached or answered with an error."""
-
-
-def request(endpoint: str, path: str, token: str, body: dict | None = None, timeout: float = 60.0,
-            retries: int = RETRIES) -> dict[str, Any]:
-    """One JSON call, retried with backoff only where that cannot run an evaluation twice: while the
-    provider refuses connections (it is down or restarting), and for GET also on 5xx."""
-    data = None if body is None else json.dumps(body).encode()
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-    wait = RETRY_WAIT_S
-    for attempt in range(1, retries + 1):
-        try:
-            req = urllib.request.Request(endpoint + path, data=data, headers=headers,
-                                         method="GET" if body is None else "POST")
-            with urllib.request.urlopen(req, timeout=timeout) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            detail = error.read().decode(errors="replace")[:200]
-            if error.code < 500 or body is not None or attempt == retries:  # a 5xx POST may have run
-                raise ProviderError(f"{endpoint}{path}: HTTP {error.code} {detail}") from None
-        except TimeoutError:  # the provider may still be working on it: asking again would queue it twice
-            raise ProviderError(f"{endpoint}{path}: no answer within {timeout:.0f}s") from None
-        except (urllib.error.URLError, ConnectionError) as error:
-            refused = isinstance(getattr(error, "reason", error), ConnectionRefusedError)
-            if body is not None and not refused:  # it may have arrived: sending it again could run it twice
-                raise ProviderError(f"{endpoint}{path}: connection lost ({getattr(error, 'reason', error)})") from None
-            if attempt == retries:
-                reason = getattr(error, "reason", error)
-                raise ProviderError(f"{endpoint}{path}: unreachable ({reason})") from None
-        time.sleep(wait)
-        wait *= 2
-    raise AssertionError("unreachable")
-
-
-def pool_info(spec: dict[str, Any]) -> dict[str, Any]:
-    """What the search needs to know about a remote pool (expert names, layer count), checking
-    the endpoint and the token once, up front: a wrong token is a config error, not 200 failures."""
+def pattern_cost(pattern: str) -> int:
+    """How many ways a match of `pattern` can be tried at one position of a tensor name (an upper
+    bound); _Unsafe where that is unbounded or the pattern is not one the provider takes."""
+    if pattern in MODULE_FILTERS:
+        return 1
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise _Unsafe(f"is {len(pattern)} characters long")
     try:
-        info = request(spec["endpoint"], "/v1/pool", token_from_env(spec), timeout=30.0)
-        return {"experts": [str(e) for e in info["experts"]], "n_layers": int(info["n_layers"]),
-                "suite": str(info.get("suite", "")), "tasks": [str(t) for t in info.get("tasks", [])]}
-    except ProviderError as error:
-        raise ConfigError(f"pool: {error}") from None
-    except (ValueError, KeyError, TypeError):
-        raise ConfigError(f"pool: {spec['endpoint']}/v1/pool did not answer as `evomerge serve` does") from None
+        parsed = _sre_parse.parse(pattern)
+    except (re.error, RecursionError, OverflowError) as error:
+        raise _Unsafe(f"is not a valid regex ({error})") from None
+    return _cost(list(parsed))
 
 
-class RemoteWorker:
-    """The Worker interface (info, evaluate) over a provider's endpoint."""
+def _cost(items: list) -> int:
+    total = 1
+    for op, value in items:
+        kind = str(op)
+        if kind in _REPEATS:
+            low, high, body = value
+            if high <= 1:  # optional: tried with and without
+                total *= 1 + _cost(list(body))
+            elif not _single_characters(list(body)):
+                raise _Unsafe("repeats a group that itself repeats or alternates (as in (a+)+ or (a|ab)*), "
+                              "which can take exponential time")
+            else:
+                total *= min(high - low + 1, NAME_LENGTH)
+        elif kind == "BRANCH":
+            total *= sum(_cost(list(branch)) for branch in value[1])
+        elif kind == "SUBPATTERN":
+            total *= _cost(list(value[3]))
+        elif kind == "ATOMIC_GROUP":
+            total *= _cost(list(value))
+        elif kind in ("ASSERT", "ASSERT_NOT"):
+            total *= _cost(list(value[1]))
+        elif kind in ("GROUPREF", "GROUPREF_EXISTS"):
+            raise _Unsafe("uses a backreference")
+        if total > MAX_RECIPE_COST:  # no need to count further (and no huge numbers)
+            return total
+    return total
 
-    def __init__(self, spec: dict[str, Any], timeout_s: float):
-        # Read here, not passed in: an actor's arguments are stored by Ray (its GCS); the
-        # environment is inherited from the driver on a local cluster (set it on every node of a
-        # remote one).
-        self.endpoint, self.token, self.timeout_s = spec["endpoint"], token_from_env(spec), timeout_s
 
-    def info(self) -> dict[str, Any]:
-        return {"pid": os.getpid()}
+def _single_characters(items: list) -> bool:
+    """A run of single characters or classes (ab, [0-9], .), grouped or not: a repetition of it
+    can split a name only one way per count."""
+    for op, value in items:
+        kind = str(op)
+        if kind == "SUBPATTERN":
+            if not _single_characters(list(value[3])):
+                return False
+        elif kind not in _SINGLE_CHARACTER:
+            return False
+    return True
 
-    def evaluate(self, recipe: dict[str, Any]) -> dict[str, Any]:
-        started = time.perf_counter()
+
+def module_pattern_problem(recipe: Any) -> str | None:
+    """Why the provider refuses this recipe's module patterns, or None. Reads the recipe as JSON
+    (before the Worker validates it: anything else malformed is the Worker's failed result)."""
+    overrides = recipe.get("overrides") if isinstance(recipe, dict) else None
+    if not isinstance(overrides, list):
+        return None
+    total = 0
+    for position, override in enumerate(overrides):
+        pattern = override.get("modules") if isinstance(override, dict) else None
+        if not isinstance(pattern, str):
+            continue
+        where = f"overrides[{position}].modules {pattern[:60]!r}"
         try:
-            return request(self.endpoint, "/v1/evaluate", self.token, {"recipe": recipe}, timeout=self.timeout_s)
-        except ProviderError as error:
-            return {"status": "failed", "reason": f"provider: {error}"[:500],
-                    "seconds": {"total": time.perf_counter() - started}}
+            cost = pattern_cost(pattern)
+        except _Unsafe as why:
+            return f"{where} {why}: {PATTERN_RULE}"
+        if cost > MAX_PATTERN_COST:
+            return f"{where} can take long to match (too many repetitions or alternatives): {PATTERN_RULE}"
+        total += cost
+        if total > MAX_RECIPE_COST:
+            return (f"the module patterns up to {where} can take long to match together: at most "
+                    f"{MAX_RECIPE_COST // MAX_PATTERN_COST} patterns with two repetitions each in one recipe")
+    return None
 
 
-# ---- the provider's side ----------------------------------------------------------------------
+def refused(problem: str) -> dict[str, Any]:
+    """A Worker result for a recipe the provider will not run: a failed candidate, as a bad recipe
+    is in a local search."""
+    return {"status": "failed", "reason": problem[:500], "seconds": {"total": 0.0}}
+
+
+# ---- the provider ---------------------------------------------------------------------------
 
 
 class Provider:
-    """One resident Worker over the pool, scoring recipes on the provider's suite, one at a time."""
+    """One resident Worker over the pool, scoring recipes on the provider's suite, one at a time.
 
-    def __init__(self, pool_spec: dict[str, Any], suite: Path, backend: dict[str, Any], device: str = "cpu",
-                 threads: int | None = None):
+    `objective` ("module:function", as in a search config) scores without loading models (tests);
+    the pool is still opened for its names and layer count."""
+
+    def __init__(self, pool_spec: dict[str, Any], suite: Path | None, backend: dict[str, Any], device: str = "cpu",
+                 threads: int | None = None, objective: str | None = None):
+        from evomerge.config import open_pool
         from evomerge.worker import Worker
 
-        self.worker = Worker(pool_spec, str(suite), backend, device=device, threads=threads)
-        self.info = {"experts": self.worker.pool.names, "n_layers": self.worker.pool.n_layers(),
-                     "suite": Path(suite).stem, "tasks": [task.task for task in self.worker.suite.tasks]}
+        self.worker = Worker(pool_spec, None if suite is None else str(suite), backend, device=device,
+                             threads=threads, objective=objective)
+        pool = self.worker.pool if objective is None else open_pool(pool_spec)
+        tasks = [task.task for task in self.worker.suite.tasks] if objective is None else []
+        self.info = {"experts": pool.names, "n_layers": pool.n_layers(),
+                     "suite": Path(suite).stem if suite is not None else str(objective), "tasks": tasks}
         self.lock = threading.Lock()
+        self.last_seconds = 1.0  # the last evaluation's: a busy provider's Retry-After is estimated from it
 
-    def evaluate(self, recipe: dict[str, Any], wanted=lambda: True) -> dict[str, Any] | None:
+    def evaluate(self, recipe: dict[str, Any], wanted: Callable[[], bool] = lambda: True) -> dict[str, Any] | None:
         """The recipe's result; None (nothing run) when `wanted()` says its client has gone while it
-        queued, e.g. a search that timed the request out or was killed."""
+        queued, e.g. a search that timed the request out or was killed. A module pattern that could
+        backtrack for long is a failed result at once, without taking the turn."""
+        problem = module_pattern_problem(recipe)
+        if problem is not None:
+            return refused(problem)
         with self.lock:
             if not wanted():
                 return None
-            return self.worker.evaluate(recipe)
+            started = time.perf_counter()
+            try:
+                return self.worker.evaluate(recipe)
+            finally:
+                self.last_seconds = time.perf_counter() - started
 
 
-def _client_gone(sock) -> bool:
-    """True when the peer closed the connection (readable with nothing to read)."""
-    import select
-    import socket
+# ---- the server -----------------------------------------------------------------------------
 
+
+class Server:
+    """A bound socket, then (make_server) uvicorn serving the provider's app on it."""
+
+    def __init__(self, listening: socket.socket):
+        self.socket = listening
+        self.server_address = listening.getsockname()
+        self.uvicorn = None
+
+    def serve_forever(self) -> None:
+        """Until SIGINT/SIGTERM (in the main thread) or `shutdown()`."""
+        self.uvicorn.run(sockets=[self.socket])
+
+    def shutdown(self) -> None:
+        self.uvicorn.should_exit = True
+
+    def server_close(self) -> None:
+        self.socket.close()
+
+
+def bind(host: str, port: int, backlog: int = Limits.backlog) -> Server:
+    """The listening socket, bound before any model loads: a port in use fails in a second, and
+    clients that connect while the pool loads wait in the backlog."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
-    except OSError:
-        return True
-
-
-def bind(host: str, port: int) -> ThreadingHTTPServer:
-    """The listening socket, bound before any model loads: a port in use fails in a second."""
-    try:
-        return ThreadingHTTPServer((host, port), BaseHTTPRequestHandler)
+        return Server(socket.create_server((host, port), family=family, backlog=backlog))
     except OSError as error:
         raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
 
 
-def make_server(provider: Provider, server: ThreadingHTTPServer, token: str, log=None) -> ThreadingHTTPServer:
-    """`server` (from `bind`) answering the two calls of the module docstring."""
-    expected = f"Bearer {token}".encode()
+def make_server(provider: Provider, server: Server, token: str, log: Callable[[str], Any] | None = None,
+                limits: Limits = Limits()) -> Server:
+    """`server` (from `bind`) answering the two calls of the module docstring, within `limits`."""
+    import uvicorn
 
-    class Handler(BaseHTTPRequestHandler):
-        timeout = 60  # seconds a silent client may hold a thread
-
-        def log_message(self, *args):  # one line per evaluation instead (below), never the headers
-            pass
-
-        def _reply(self, status: int, payload: dict) -> None:
-            body = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _authorized(self) -> bool:
-            given = self.headers.get("Authorization", "").encode()
-            if hmac.compare_digest(given, expected):
-                return True
-            self._reply(401, {"error": "missing or wrong bearer token"})
-            return False
-
-        def do_GET(self):
-            if not self._authorized():
-                return
-            if self.path.rstrip("/") == "/v1/pool":
-                self._reply(200, provider.info)
-            else:
-                self._reply(404, {"error": f"no such endpoint {self.path}; try /v1/pool or POST /v1/evaluate"})
-
-        def do_POST(self):
-            if not self._authorized():
-                return
-            if self.path.rstrip("/") != "/v1/evaluate":
-                self._reply(404, {"error": f"no such endpoint {self.path}; try POST /v1/evaluate"})
-                return
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-                if not 0 < length <= MAX_BODY:
-                    raise ValueError(length)
-                recipe = json.loads(self.rfile.read(length))["recipe"]
-            except (ValueError, KeyError, TypeError):
-                self._reply(400, {"error": f'the body must be JSON {{"recipe": {{...}}}} of at most {MAX_BODY} bytes'})
-                return
-            # a bad recipe is a failed result, as in a local search
-            result = provider.evaluate(recipe, wanted=lambda: not _client_gone(self.connection))
-            if result is None:
-                if log is not None:
-                    log(f"{self.client_address[0]} gone before its turn: skipped")
-                return
-            if log is not None:
-                log(f"{self.client_address[0]} {result['status']} {result.get('scalar', result.get('reason', ''))}")
-            self._reply(200, result)
-
-    server.RequestHandlerClass = Handler
+    config = uvicorn.Config(
+        _App(provider, token, limits, log), http=_h11_with_head_deadline(limits.header_timeout_s), lifespan="off",
+        access_log=False, log_level="warning", limit_concurrency=limits.max_connections, backlog=limits.backlog,
+        timeout_keep_alive=limits.keep_alive_s, timeout_graceful_shutdown=5, server_header=False)
+    server.uvicorn = uvicorn.Server(config)
     return server
+
+
+def _raw_response(status: int, reason: str, payload: dict) -> bytes:
+    body = json.dumps(payload).encode()
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n").encode() + body
+
+
+def _h11_with_head_deadline(header_timeout_s: float):
+    """uvicorn's h11 protocol with a deadline for each request's head. uvicorn has none: a client
+    that connects and sends nothing, or its headers a byte at a time, would hold a connection for
+    ever. Past the deadline it gets 408 and the connection is closed."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    timed_out = _raw_response(408, "Request Timeout", {"error": f"the request's headers took over {header_timeout_s:g}s"})
+
+    class H11WithHeadDeadline(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self._head_timer is None and self._between_requests():  # a next request's first byte
+                self._arm()
+            super().data_received(data)
+
+        def handle_events(self) -> None:
+            before = self.cycle
+            super().handle_events()
+            if self.cycle is not before:  # a request's head is complete
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self._head_timer is None and self._between_requests() and self.conn.trailing_data[0]:
+                self._arm()  # part of a pipelined request arrived while the last one ran
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _between_requests(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._head_timer = self.loop.call_later(header_timeout_s, self._expire)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _expire(self) -> None:
+            self._head_timer = None
+            if not self.transport.is_closing() and self._between_requests():
+                self.transport.write(timed_out)
+                self.transport.close()
+
+    return H11WithHeadDeadline
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _App:
+    """The ASGI app: auth, the two calls, the bounded queue in front of the provider's one turn."""
+
+    def __init__(self, provider: Provider, token: str, limits: Limits, log: Callable[[str], Any] | None):
+        self.provider, self.limits, self.log = provider, limits, log
+        self.expected = f"Bearer {token}".encode()
+        self.admitted = 0  # evaluations running or waiting
+        self.turn: asyncio.Lock | None = None  # made in the server's loop
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        try:
+            status, payload, headers, note = await self._answer(scope, receive)
+        except Exception as error:  # a bug here must still answer, never drop the connection
+            status, payload, headers, note = 500, {"error": f"internal error: {type(error).__name__}"}, {}, None
+        if status:
+            body = json.dumps(payload).encode()
+            raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            raw += [(k.encode(), v.encode()) for k, v in headers.items()]
+            await send({"type": "http.response.start", "status": status, "headers": raw})
+            await send({"type": "http.response.body", "body": body})
+        if note is not None:
+            self._log(note)
+
+    def _log(self, line: str) -> None:
+        """One line per evaluation; a log that fails (e.g. rich markup in an expert's name) is
+        printed plainly instead, after the client has its answer."""
+        if self.log is None:
+            return
+        try:
+            self.log(line)
+        except Exception:
+            print(line, file=sys.stderr, flush=True)
+
+    async def _answer(self, scope, receive) -> tuple[int, dict, dict, str | None]:
+        """(status, JSON payload, extra headers, log line); status 0: the client has gone, no answer."""
+        # Answers before the body is read keep the connection: uvicorn then reads the rest of the
+        # body and drops it (within the head deadline). Closing at once would reset it, and a client
+        # still sending (urllib sends the whole body first) would see the reset, not the answer.
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if not hmac.compare_digest(given, self.expected):
+            return 401, {"error": "missing or wrong bearer token"}, {}, None
+        path, method = scope["path"].rstrip("/"), scope["method"]
+        if path == "/v1/pool" and method == "GET":
+            return 200, self.provider.info, {}, None
+        if path == "/v1/evaluate" and method == "POST":
+            return await self._evaluate(scope, receive)
+        if path in ("/v1/pool", "/v1/evaluate"):
+            allowed = "GET" if path == "/v1/pool" else "POST"
+            return 405, {"error": f"{path} takes {allowed}"}, {"allow": allowed}, None
+        return 404, {"error": f"no such endpoint {scope['path']}; try GET /v1/pool or POST /v1/evaluate"}, {}, None
+
+    async def _evaluate(self, scope, receive) -> tuple[int, dict, dict, str | None]:
+        limit = self.limits.max_body
+        bad_body = f'the body must be JSON {{"recipe": {{...}}}} of at most {limit} bytes'
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > limit:  # h11 has checked it, but cheaply again
+            return 413, {"error": bad_body}, {}, None
+        try:
+            raw = await asyncio.wait_for(self._read_body(receive, limit), self.limits.body_timeout_s)
+        except _BodyTooLarge:
+            return 413, {"error": bad_body}, {}, None
+        except asyncio.TimeoutError:  # a client this slow is not kept
+            return 408, {"error": f"the request's body took over {self.limits.body_timeout_s:g}s"}, \
+                {"connection": "close"}, None
+        if raw is None:
+            return 0, {}, {}, None
+        try:
+            recipe = json.loads(raw)["recipe"]
+            if not isinstance(recipe, dict):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: [[[[... nested too deep
+            return 400, {"error": bad_body}, {}, None
+        client = (scope.get("client") or ("?",))[0]
+        problem = module_pattern_problem(recipe)  # refused before it queues: it never takes the turn
+        if problem is not None:
+            return 200, refused(problem), {}, f"{client} failed {problem[:120]}"
+        if self.admitted > self.limits.max_queue:  # one running, max_queue waiting
+            wait = min(600, max(1, math.ceil(self.provider.last_seconds * self.admitted)))
+            return 503, {"error": f"busy: {self.admitted} evaluations ahead; retry after {wait}s"}, \
+                {"retry-after": str(wait)}, None
+        self.admitted += 1
+        try:
+            result = await self._in_turn(recipe, receive)
+        finally:
+            self.admitted -= 1
+        if result is None:
+            return 0, {}, {}, f"{client} gone before its turn: skipped"
+        return 200, result, {}, f"{client} {result['status']} {result.get('scalar', result.get('reason', ''))}"
+
+    @staticmethod
+    async def _read_body(receive, limit: int) -> bytes | None:
+        """The whole body (None: the client went away), at most `limit` bytes."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            size += len(message.get("body", b""))
+            if size > limit:
+                raise _BodyTooLarge
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _in_turn(self, recipe: dict, receive) -> dict | None:
+        """Wait for the provider's one turn, skip it if the client has gone meanwhile, and run the
+        evaluation in a daemon thread (the event loop keeps answering; a stop does not wait on it)."""
+        if self.turn is None:
+            self.turn = asyncio.Lock()
+        async with self.turn:
+            if await _disconnected(receive):
+                return None
+            loop = asyncio.get_running_loop()
+            done: asyncio.Future = loop.create_future()
+
+            def run() -> None:
+                try:
+                    outcome = (self.provider.evaluate(recipe), None)
+                except BaseException as error:  # noqa: BLE001 - handed back to the loop
+                    outcome = (None, error)
+                try:
+                    loop.call_soon_threadsafe(_settle, done, *outcome)
+                except RuntimeError:  # the loop has closed: the server stopped
+                    pass
+
+            threading.Thread(target=run, name="evomerge-evaluate", daemon=True).start()
+            return await done
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+async def _disconnected(receive) -> bool:
+    """True when the client has closed its connection (its body was read: the next message
+    uvicorn has for us is http.disconnect, if one is waiting)."""
+    try:
+        message = await asyncio.wait_for(receive(), timeout=0.01)
+    except asyncio.TimeoutError:
+        return False
+    return message.get("type") == "http.disconnect"

@@ -162,20 +162,39 @@ def test_secrets_and_bad_endpoints_in_the_config_are_refused(tmp_path, pool, bac
 
 
 def test_a_queued_request_whose_client_has_gone_is_skipped(tiny_zoo):
-    import socket as socketlib
-
+    """The Provider side of it; the server side (a client that hangs up while queued) is in
+    tests/test_provider_load.py."""
     from evomerge.config import resolve_pool_spec
-    from evomerge.provider import Provider, _client_gone
+    from evomerge.provider import Provider
 
     provider = Provider(resolve_pool_spec("pool-full.yaml", tiny_zoo, "zoo"), SUITE, {"name": "hf", "batch_size": 64},
                         threads=1)
     recipe = {"method": "linear", "experts": {"add": {"weight": 1.0}}}
     assert provider.evaluate(recipe, wanted=lambda: False) is None  # nothing run for a client that left
     assert provider.evaluate(recipe)["status"] == "ok"
-    ours, theirs = socketlib.socketpair()
-    try:
-        assert not _client_gone(ours)  # connected, nothing sent
-        theirs.close()
-        assert _client_gone(ours)  # the peer hung up
-    finally:
-        ours.close()
+
+
+def test_serve_answers_abusive_requests_and_keeps_serving(provider):
+    """What froze or dropped connections of `evomerge serve` before: a regex that backtracks over every
+    tensor name (under the provider's lock), 100,000 nested `[` (RecursionError), an expert name that is
+    rich markup (the log line raised). Each gets an answer within seconds; the provider goes on."""
+    import http.client
+    import urllib.parse
+
+    endpoint, process = provider
+    address = urllib.parse.urlsplit(endpoint)
+    ok = {"method": "linear", "experts": {"add": {"weight": 1.0}}}
+    started = time.perf_counter()
+    frozen = request(endpoint, "/v1/evaluate", TOKEN, {"recipe": {**ok, "overrides": [
+        {"modules": r"([a-z._0-9]+)+#", "experts": {"add": {"weight": 0.5}}}]}}, timeout=20, retries=1)
+    assert frozen["status"] == "failed" and "repeats a group" in frozen["reason"]
+    markup = request(endpoint, "/v1/evaluate", TOKEN, {"recipe": {"method": "linear", "experts": {"[/]": {"weight": 1.0}}}},
+                     timeout=20, retries=1)
+    assert markup["status"] == "failed" and "[/]" in markup["reason"]
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=20)
+    connection.request("POST", "/v1/evaluate", body=b"[" * 100_000, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert connection.getresponse().status == 400
+    connection.close()
+    assert time.perf_counter() - started < 30
+    assert request(endpoint, "/v1/evaluate", TOKEN, {"recipe": ok}, timeout=60, retries=1)["status"] == "ok"
+    assert process.poll() is None
