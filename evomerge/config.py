@@ -13,12 +13,14 @@ as in mergekit).
 
 from __future__ import annotations
 
+import re
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from evomerge.errors import ConfigError, validation_message
+from evomerge.errors import ConfigError, redact, validation_message
 from evomerge.pool import Pool
 from evomerge.provider import is_remote, resolve_remote_spec
 from evomerge.recipe import Recipe, is_mergekit_config, load_yaml_file, recipe_from_mergekit
@@ -34,13 +36,53 @@ def resolve_pool_spec(spec: Any, relative_to: Path, where: str) -> dict[str, Any
     if not isinstance(spec, dict) or "base" not in spec or "experts" not in spec:
         raise ConfigError(f"{where}: pool needs `base: PATH` and `experts: {{NAME: PATH}}` (or a path to a pool "
                           "YAML, or `endpoint: URL` of a provider)")
+    extra = set(spec) - {"base", "experts", "tokenizer"}
+    if extra:
+        raise ConfigError(f"{where}: pool.{sorted(extra)[0]}: unknown key (a pool has base, experts, tokenizer)")
     experts = spec["experts"]
     if isinstance(experts, list):
-        experts = {Path(p).name: p for p in experts}
+        experts = _named_by_folder(experts, where)
     if not isinstance(experts, dict) or not experts:
         raise ConfigError(f"{where}: pool.experts must map names to paths")
-    return {"base": str((relative_to / spec["base"]).resolve()),
-            "experts": {str(n): str((relative_to / p).resolve()) for n, p in experts.items()}}
+    resolved = {"base": _local_path(spec["base"], relative_to, f"{where}: pool.base"),
+                "experts": {str(n): _local_path(p, relative_to, f"{where}: pool.experts.{n}") for n, p in experts.items()}}
+    tokenizer = spec.get("tokenizer")
+    if tokenizer not in (None, "base"):  # whose tokenizer a merged model gets: an expert's name or a path
+        resolved["tokenizer"] = resolved["experts"].get(str(tokenizer)) or _local_path(
+            tokenizer, relative_to, f"{where}: pool.tokenizer")
+    return resolved
+
+
+def _named_by_folder(paths: list[Any], where: str) -> dict[str, Any]:
+    """The list form of pool.experts: each expert is named after its folder, so two folders of one
+    name would be one expert (the last): refused."""
+    named: dict[str, Any] = {}
+    for path in paths:
+        name = Path(str(path)).name
+        if name in named:
+            raise ConfigError(f"{where}: pool.experts: {named[name]} and {path} are both named {name!r} (the folder "
+                              "name); give them as a mapping NAME: PATH")
+        named[name] = path
+    return named
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")  # org/name, as on the Hugging Face hub
+
+
+def _local_path(given: Any, relative_to: Path, where: str) -> str:
+    """`given` resolved against `relative_to`; a hub id or mergekit's model+lora form that is not a
+    local path is refused here, with what to do instead (a missing local path is the pool's to report)."""
+    given = str(given)
+    path = (relative_to / Path(given).expanduser()).resolve()
+    if not path.exists():
+        if "+" in given:
+            raise ConfigError(f"{where}: {given!r}: mergekit's MODEL+LORA form is not supported; list the LoRA "
+                              "adapter as an expert of its own (evomerge applies it to the base)")
+        if HUB_ID.match(given):
+            raise ConfigError(f"{where}: {given!r} is not a local directory, and Hugging Face hub ids are not "
+                              f"supported offline; download it first (huggingface-cli download {given} --local-dir "
+                              "DIR) and give the local path")
+    return str(path)
 
 
 def load_merge_config(path: Path) -> tuple[Recipe, dict[str, Any]]:
@@ -60,7 +102,7 @@ def open_pool(spec: dict[str, Any]) -> Pool:
     if is_remote(spec):
         raise ConfigError(f"the pool is held by the provider at {spec['endpoint']}: its weights are not here "
                           "(ask the provider to export the recipe)")
-    return Pool(Path(spec["base"]), {name: Path(p) for name, p in spec["experts"].items()})
+    return Pool(Path(spec["base"]), {name: Path(p) for name, p in spec["experts"].items()}, spec.get("tokenizer"))
 
 
 # ---- search config ----------------------------------------------------------------------------
@@ -106,9 +148,7 @@ class SearchConfig(_Strict):
         return self.model_copy(update=updates)
 
     def check(self, where: str) -> "SearchConfig":
-        for key in ("api_key", "token"):
-            if key in self.backend:
-                raise ConfigError(f"{where}: backend.{key}: secrets never go in a config; name an env var with api_key_env")
+        refuse_secrets(self.model_dump(mode="json"), where)
         if is_remote(self.pool):
             if self.suite is not None or self.objective is not None:
                 raise ConfigError(f"{where}: a provider's pool is scored on the provider's own suite; "
@@ -117,6 +157,46 @@ class SearchConfig(_Strict):
         if self.suite is None and self.objective is None:
             raise ConfigError(f"{where}: give a `suite:` (evaluators/*.yaml) to score candidates on")
         return self
+
+
+# A key whose last word is one of these holds a secret (api_key, hf_token, client_secret, ...); the
+# name of the environment variable that holds it (api_key_env, token_env) is what goes in a config.
+SECRET_WORDS = {"key", "apikey", "token", "secret", "password", "passwd", "authorization", "auth", "credentials",
+                "bearer"}
+
+
+def refuse_secrets(data: Any, where: str, path: str = "") -> None:
+    """A secret anywhere in a search config (it is saved as the run dir's config.yaml, which people
+    share): a key named like one, credentials in a URL, or a value shaped like a key (sk-...)."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            label = f"{path}.{key}" if path else str(key)
+            words = re.split(r"[_\-.]", str(key).lower())
+            if words[-1] in SECRET_WORDS and value not in (None, ""):
+                raise ConfigError(f"{where}: {label}: {SECRET_FIX}")
+            refuse_secrets(value, where, label)
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            refuse_secrets(value, where, f"{path}[{i}]")
+    elif isinstance(data, str) and (redact(data) != data or _url_secret(data)):
+        raise ConfigError(f"{where}: {path}: holds credentials or a key ({_url_secret(data) or 'a value shaped like an API key'}); {SECRET_FIX}")
+
+
+SECRET_FIX = ("secrets never go in a config (it is copied into the run directory): put it in an environment "
+              "variable and name that with api_key_env (token_env for a provider's pool)")
+
+
+def _url_secret(text: str) -> str:
+    """What in a URL is a secret: a user (or user:password) before the host, or a key in the query."""
+    if not text.startswith(("http://", "https://")):
+        return ""
+    parsed = urllib.parse.urlsplit(text)
+    if parsed.username or parsed.password:
+        return "user:password@ in the URL"
+    for name in urllib.parse.parse_qs(parsed.query):
+        if re.split(r"[_\-.]", name.lower())[-1] in SECRET_WORDS:
+            return f"{name}= in the URL"
+    return ""
 
 
 def load_search_config(path: Path, **overrides: Any) -> SearchConfig:

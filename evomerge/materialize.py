@@ -31,8 +31,9 @@ from evomerge.recipe import Recipe
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
+MODEL_FILES = ("config.json", "generation_config.json")  # from the base
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")  # from pool.tokenizer_path
 SHARD_BYTES = 2 * 1024**3
 # Tensors merged at once by iter_merged: most merge ops (topk above all) run on one core per
 # tensor, so two tensors in flight keep two cores busy; memory grows with this, not the pool.
@@ -216,6 +217,7 @@ def write_model_dir(recipe: Recipe, pool: Pool, out: Path, device: str = "cpu", 
     with staged_dir(out) as staging:
         _write_shards(recipe, pool, staging, device, dtype, on_tensor, shard_bytes)
         _copy_model_files(pool.base_path, staging, dtype or recipe.dtype)
+        _copy_files(pool.tokenizer_path, staging, TOKENIZER_FILES)
         recipe.save(staging / "recipe.yaml")
     return out
 
@@ -234,12 +236,23 @@ def staged_dir(out: Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         yield staging
+        _share(staging)
         if out.exists():
             out.rmdir()
         os.replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _share(staging: Path) -> None:
+    """Give the staged tree the modes open() and mkdir() give under the umask: mkdtemp makes the
+    directory 0700 and safetensors writes its files 0600, but a model directory is for sharing."""
+    umask = os.umask(0o022)  # read it back
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
+    for path in staging.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _write_shards(recipe, pool, staging, device, dtype, on_tensor, shard_bytes) -> None:
@@ -276,10 +289,14 @@ def _name_shards(staging: Path, shard_files: list[list[str]]) -> None:
     (staging / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
 
 
+def _copy_files(source: Path, staging: Path, names: tuple[str, ...]) -> None:
+    for name in names:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, staging / name)  # contents only: the mode is open()'s, not the source's
+
+
 def _copy_model_files(base: Path, staging: Path, dtype: str | None) -> None:
-    for name in COPIED_FILES:
-        if (base / name).is_file():
-            shutil.copy2(base / name, staging / name)
+    _copy_files(base, staging, MODEL_FILES)
     config = staging / "config.json"
     if dtype and config.is_file():  # say what the shards hold
         data = json.loads(config.read_text())
@@ -308,12 +325,27 @@ def write_adapter_dir(recipe: Recipe, pool: Pool, out: Path, device: str = "cpu"
         tensors[f"base_model.model.{module}.lora_A.weight"] = A.cpu().contiguous()
         tensors[f"base_model.model.{module}.lora_B.weight"] = B.cpu().contiguous()
     config = {key: value for key, value in first.config.items() if key not in ("alpha_pattern", "rank_pattern")}
-    config.update({"r": rank, "lora_alpha": rank, "use_rslora": False, "target_modules": sorted(targets)})
+    config.update({"r": rank, "lora_alpha": rank, "use_rslora": False, "target_modules": sorted(targets),
+                   "base_model_name_or_path": base_model_reference(pool.base_path)})
     with staged_dir(out) as staging:
         save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
         (staging / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        _copy_files(pool.tokenizer_path, staging, TOKENIZER_FILES)  # PEFT adapters ship their tokenizer
         recipe.save(staging / "recipe.yaml")
     return out
+
+
+def base_model_reference(base: Path) -> str:
+    """The adapter's base_model_name_or_path: what PEFT passes to from_pretrained, which resolves a
+    path against the working directory (not the adapter's). So the pool's base as seen from here:
+    relative when it lies below the working directory (the adapter and the pool move together),
+    else absolute; never the path baked into the first expert's adapter_config.json, which names
+    whatever machine trained that expert."""
+    base = Path(base).resolve()
+    try:
+        return str(base.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(base)
 
 
 class ResidentSource(TensorSource):

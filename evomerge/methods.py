@@ -455,6 +455,28 @@ def _consensus(base, deltas, *, weights, densities, params, generator) -> Tensor
     return base + mtl * consensus
 
 
+def _model_stock(base, deltas, *, weights, densities, params, generator) -> Tensor:
+    """Model Stock (Jang et al. 2024) as mergekit: with the fine-tuned models' task vectors tau_t
+    (N of them) and cos the mean pairwise cosine between them, t = N cos / (1 + (N - 1) cos) and
+    theta = t * mean_t(theta0 + tau_t) + (1 - t) * theta0. Per tensor, or per row (the last
+    dimension) with filter_wise; a 1-D tensor is one row. Weights and densities are not used."""
+    if params["filter_wise"]:
+        rows = base.reshape(1, -1) if base.dim() < 2 else base
+        taus = [d.reshape(rows.shape) for d in deltas]
+    else:
+        rows, taus = base.reshape(-1), [d.reshape(-1) for d in deltas]
+    cosines = []
+    for i in range(len(taus)):
+        for j in range(i + 1, len(taus)):
+            norms = (taus[i].norm(dim=-1) * taus[j].norm(dim=-1)).clamp(min=1e-6)
+            cosines.append(((taus[i] * taus[j]).sum(dim=-1) / norms).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    n = len(taus)
+    t = n * cos / (1 + (n - 1) * cos)
+    average = sum(rows + tau for tau in taus) / n
+    return (t * average + (1 - t) * rows).reshape(base.shape)
+
+
 def _evo_merging(base, deltas, *, weights, densities, params, generator) -> Tensor:
     """Evo-Merging on full task vectors: theta0 + sum_t w_t TopMag(tau_t, d_t); no normalization,
     negative weights flip an expert's sign."""
@@ -607,6 +629,17 @@ _register(
         doc="spherical interpolation between the base and one expert",
         min_experts=1,
         max_experts=1,
+    )
+)
+_register(
+    MergeMethod(
+        name="model_stock",
+        fn=_model_stock,
+        parameters=(Param("filter_wise", False, None, None, False, "one interpolation ratio per row, not per tensor"),),
+        random=False,
+        mergekit_name="model_stock",
+        doc="Model Stock: interpolate from the base toward the experts' average by their mean pairwise cosine",
+        min_experts=2,
     )
 )
 _register(

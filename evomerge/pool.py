@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,6 +31,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 MAX_REPORTED_PROBLEMS = 20
+# Tensors read at once by the NaN/Inf scan: reading is the cost, and two or four reads in flight keep
+# a disk (or the page cache) busy while one tensor is summed.
+VALUE_CHECK_THREADS = min(4, os.cpu_count() or 1)
 
 
 class SafetensorsFiles:
@@ -109,6 +114,21 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise PoolError(f"{config}: invalid JSON ({error})") from None
 
 
+def count_layers(path: Path) -> int | None:
+    """A model directory's decoder layer count (config.json's num_hidden_layers, else the largest
+    `.layers.N.` index in its tensor names + 1); None when it has neither."""
+    path = Path(path)
+    layers = _read_config(path).get("num_hidden_layers") if path.is_dir() else None
+    if layers:
+        return int(layers)
+    try:
+        names = SafetensorsFiles.open_model_dir(path).names()
+    except PoolError:
+        return None
+    indices = [int(m.group(1)) for n in names if (m := re.search(r"\.layers\.(\d+)\.", n))]
+    return max(indices) + 1 if indices else None
+
+
 @dataclass
 class LoraFactors:
     """One LoRA-adapted module: delta W = scaling * B @ A."""
@@ -185,11 +205,15 @@ def open_expert(name: str, path: Path) -> Expert:
 class Pool:
     """A base and named experts; lazy per-tensor access to base tensors, task vectors and factors."""
 
-    def __init__(self, base: Path, experts: dict[str, Path]):
+    def __init__(self, base: Path, experts: dict[str, Path], tokenizer: Path | None = None):
         if not experts:
             raise PoolError("the pool has no experts")
         self.base_path = Path(base)
+        # Whose tokenizer files a merged model gets (mergekit's tokenizer_source); the base's by default.
+        self.tokenizer_path = Path(tokenizer) if tokenizer is not None else self.base_path
         self.base = SafetensorsFiles.open_model_dir(self.base_path)
+        if tokenizer is not None and not self.tokenizer_path.is_dir():
+            raise PoolError(f"tokenizer source {self.tokenizer_path}: no such model directory")
         self.base_config = _read_config(self.base_path)
         self.experts = {name: open_expert(name, path) for name, path in experts.items()}
 
@@ -206,11 +230,7 @@ class Pool:
         return self.base.names()
 
     def n_layers(self) -> int:
-        layers = self.base_config.get("num_hidden_layers")
-        if layers:
-            return int(layers)
-        indices = [int(m.group(1)) for n in self.tensor_names() if (m := re.search(r"\.layers\.(\d+)\.", n))]
-        return max(indices) + 1 if indices else 1
+        return count_layers(self.base_path) or 1
 
     def base_tensor(self, name: str) -> torch.Tensor:
         return self.base.get(name)
@@ -236,14 +256,19 @@ class Pool:
 
     # ---- validation -----------------------------------------------------------------------
     def problems(self, check_values: bool = True) -> Iterator[str]:
+        """Every problem, one line each: the structure first (names, shapes, config) from headers
+        alone; then, only if the structure is sound and `check_values`, NaN/Inf in any tensor."""
         base_names = set(self.base.names())
+        structural = False
         for name, expert in self.experts.items():
-            if expert.kind == "full":
-                yield from self._full_problems(name, expert, base_names, check_values)
-            else:
-                yield from self._lora_problems(name, expert, base_names, check_values)
+            check = self._full_problems if expert.kind == "full" else self._lora_problems
+            for problem in check(name, expert, base_names):
+                structural = True
+                yield problem
+        if check_values and not structural:
+            yield from self._value_problems()
 
-    def _full_problems(self, name: str, expert: Expert, base_names: set[str], check_values: bool) -> Iterator[str]:
+    def _full_problems(self, name: str, expert: Expert, base_names: set[str]) -> Iterator[str]:
         for key in ("model_type", "architectures"):
             if key in expert.config and key in self.base_config and expert.config[key] != self.base_config[key]:
                 yield f"expert {name}: architecture mismatch ({key} {expert.config[key]} vs base {self.base_config[key]})"
@@ -260,10 +285,8 @@ class Pool:
             if got != want:
                 kind = "vocabulary size mismatch" if "embed" in tensor or "lm_head" in tensor else "shape mismatch"
                 yield f"expert {name}: tensor {tensor} {kind}: {list(got)} vs base {list(want)}"
-            elif check_values:
-                yield from _nonfinite(name, tensor, expert.files)
 
-    def _lora_problems(self, name: str, expert: Expert, base_names: set[str], check_values: bool) -> Iterator[str]:
+    def _lora_problems(self, name: str, expert: Expert, base_names: set[str]) -> Iterator[str]:
         for base_name, (key_a, key_b) in sorted(expert.lora_modules.items()):
             if base_name not in base_names:
                 yield f"expert {name}: LoRA target {base_name.removesuffix('.weight')} is not in the base"
@@ -273,9 +296,21 @@ class Pool:
             if shape_a[1] != in_features or shape_b[0] != out_features or shape_a[0] != shape_b[1]:
                 yield (f"expert {name}: LoRA factors of {base_name} have shapes A {list(shape_a)} B {list(shape_b)}, "
                        f"which do not fit the base's {[out_features, in_features]}")
-            elif check_values:
-                yield from _nonfinite(name, key_a, expert.files)
-                yield from _nonfinite(name, key_b, expert.files)
+
+    def _value_problems(self) -> Iterator[str]:
+        """NaN/Inf in the base or any expert: every tensor read once, VALUE_CHECK_THREADS at a time
+        (memory: that many tensors), and a tensor already found finite in this process (same file,
+        size and mtime) is not read again, so a search's later checks cost nothing."""
+        checks = [("the base", name, self.base) for name in self.base.names()]
+        for name, expert in self.experts.items():
+            checks += [(f"expert {name}", tensor, expert.files) for tensor in expert.files.names()]
+        threads = ThreadPoolExecutor(VALUE_CHECK_THREADS, thread_name_prefix="evomerge-check")
+        try:
+            for problem in threads.map(lambda check: _nonfinite(*check), checks):
+                if problem:
+                    yield problem
+        finally:  # a caller that has seen enough problems stops here: skip the reads not started
+            threads.shutdown(wait=True, cancel_futures=True)
 
     def validate(self, check_values: bool = True) -> "Pool":
         problems = []
@@ -292,14 +327,25 @@ class Pool:
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN/Inf: a sum (one read, no mask) is finite when every entry is; check exactly if not."""
+    """No NaN/Inf: a float32 sum (one read, no mask) is finite when every entry is; check exactly if not."""
     if not tensor.is_floating_point():
         return True
-    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+    return bool(torch.isfinite(tensor.sum(dtype=torch.float32))) or bool(torch.isfinite(tensor).all())
 
 
-def _nonfinite(expert: str, tensor: str, files: SafetensorsFiles) -> Iterator[str]:
+_FINITE: set[tuple[str, int, int, str]] = set()  # (file, size, mtime_ns, tensor) found finite here
+
+
+def _nonfinite(owner: str, tensor: str, files: SafetensorsFiles) -> str | None:
+    """The problem line for a tensor holding NaN/Inf, else None."""
+    file = files.files_by_name[tensor]
+    stat = file.stat()
+    key = (str(file), stat.st_size, stat.st_mtime_ns, tensor)
+    if key in _FINITE:
+        return None
     values = files.get(tensor)
-    if not all_finite(values):
-        bad = (~torch.isfinite(values)).sum().item()
-        yield f"expert {expert}: tensor {tensor} holds {bad} NaN/Inf value(s)"
+    if all_finite(values):
+        _FINITE.add(key)
+        return None
+    bad = (~torch.isfinite(values)).sum().item()
+    return f"{owner}: tensor {tensor} holds {bad} NaN/Inf value(s)"

@@ -15,7 +15,9 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
+
+import numpy as np
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -116,6 +118,28 @@ class Recipe(_Frozen):
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
+    def used_experts(self) -> list[str]:
+        """The experts this merge takes anything from: weight (and density, where the method has one)
+        non-zero in the recipe or in an override. A method without weights (slerp, model_stock)
+        uses every expert it lists."""
+        from evomerge.methods import get_method
+
+        method = get_method(self.method)
+        if method.param("weight") is None:
+            return list(self.experts)
+        has_density = method.param("density") is not None
+
+        def contributes(weight: float | None, density: float | None) -> bool:
+            return weight != 0 and not (has_density and density == 0)
+
+        used = {name for name, p in self.experts.items() if contributes(p.weight, p.density)}
+        for override in self.overrides:
+            for name, values in override.experts.items():
+                merged = values.apply_to(self.experts[name])
+                if contributes(merged.weight, merged.density):
+                    used.add(name)
+        return [name for name in self.experts if name in used]
+
     # ---- per-tensor resolution ------------------------------------------------------------
     def plan(self, tensor_name: str) -> TensorPlan:
         experts = dict(self.experts)
@@ -154,9 +178,30 @@ class Recipe(_Frozen):
         path.write_text(self.to_yaml())
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key repeated in one mapping is an error (PyYAML keeps the
+    last one silently: two experts under one name would quietly become one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden: legal
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is repeated (first on line {seen[key]}); give each key once",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+            except TypeError:  # an unhashable key: PyYAML says so below
+                continue
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml_text(text: str, where: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -176,57 +221,271 @@ MERGEKIT_EXPERT_KEYS = {"weight", "density"}
 MERGEKIT_FILTERS = {"self_attn": "attention", "mlp": "mlp"}
 
 
+# Top-level mergekit keys evomerge reads; the refused ones say what to write instead.
+MERGEKIT_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+                 "tokenizer_source"}
+MERGEKIT_REFUSED_KEYS = {
+    "modules": "per-module merges are not supported; write one `models:` list for the whole model",
+    "tokenizer": "building a tokenizer is not supported; write `tokenizer_source: base` or a model's path",
+    "chat_template": "not supported; the chat template comes with the tokenizer files (tokenizer_source)",
+}
+# Global mergekit parameters that change how mergekit computes, not what it computes.
+MERGEKIT_IGNORED_PARAMS = {
+    # mergekit keeps its sparsification masks as int8 instead of its working dtype, to save memory;
+    # evomerge's masks are already one byte per entry (bool), so the flag changes nothing here.
+    "int8_mask",
+}
+Setting = Any  # a mergekit parameter value: scalar, gradient (list of numbers) or [{filter, value}]
+Placed = tuple[tuple[int, int] | None, str | None, Any]  # (layer range, module filter, value)
+
+
 def is_mergekit_config(data: Any) -> bool:
     return isinstance(data, dict) and "merge_method" in data
 
 
-def recipe_from_mergekit(data: dict[str, Any], where: str = "mergekit config") -> tuple[Recipe, dict[str, Any]]:
-    """A mergekit YAML (models/base_model/merge_method/parameters/dtype) -> (Recipe, pool spec).
+def recipe_from_mergekit(data: dict[str, Any], where: str = "mergekit config",
+                         relative_to: Path | None = None) -> tuple[Recipe, dict[str, Any]]:
+    """A mergekit YAML -> (Recipe, pool spec). Paths stay as written (relative to `relative_to`,
+    default the working directory, as in mergekit).
 
-    Expert names are the model folders' names. A per-model parameter may be a scalar or a list of
-    {filter, value} entries (filter self_attn / mlp / a name fragment); gradients (plain lists of
-    numbers) have no evomerge equivalent yet and are refused.
-    """
+    Reads `models:` or one whole-model slice (`slices:` with one slice whose sources each cover every
+    layer), scalar, gradient (list of numbers, interpolated over the layers as mergekit does) and
+    [{filter, value}] parameters at model, slice and top level, `tokenizer_source` (base or a model)
+    and passthrough of one whole model. Expert names are the model folders' names."""
     from evomerge.methods import METHODS, get_method
 
+    for key in data:
+        if key in MERGEKIT_REFUSED_KEYS:
+            raise ConfigError(f"{where}: {key}: {MERGEKIT_REFUSED_KEYS[key]}")
+        if key not in MERGEKIT_KEYS:
+            raise ConfigError(f"{where}: {key}: not a mergekit key evomerge reads ({', '.join(sorted(MERGEKIT_KEYS))})")
     method_name = data.get("merge_method")
     by_mergekit = {get_method(n).mergekit_name: n for n in METHODS.names() if get_method(n).mergekit_name}
-    if method_name not in by_mergekit:
+    passthrough = method_name == "passthrough"
+    if not passthrough and method_name not in by_mergekit:
         raise ConfigError(f"{where}: merge_method {method_name!r} has no evomerge equivalent "
-                          f"(supported: {', '.join(sorted(by_mergekit))})")
-    if "slices" in data:
-        raise ConfigError(f"{where}: `slices` (layer stacking) is not supported; use `models`")
+                          f"(supported: {', '.join(sorted([*by_mergekit, 'passthrough']))})")
+    method = "linear" if passthrough else by_mergekit[method_name]
+    sources, slice_params, slice_layers = _mergekit_sources(data, where, passthrough)
     base = data.get("base_model")
-    models = data.get("models") or []
-    is_linear = by_mergekit[method_name] == "linear"
-    if base is None and is_linear and models:  # mergekit's linear needs no base: any model serves
-        first = models[0]
-        base = first["model"] if isinstance(first, dict) else first
+    if base is None and method == "linear" and sources:  # mergekit's linear needs no base: any model serves
+        base = sources[0][0]
     if base is None:
         raise ConfigError(f"{where}: base_model is required (evomerge merges task vectors against a base)")
-    experts: dict[str, ExpertParams] = {}
+    layers = _LayerCount(str(base), slice_layers, relative_to or Path.cwd(), where)
+    global_params = [data.get("parameters") or {}, slice_params]  # later wins, as in mergekit
+    for params, label in zip(global_params, ("parameters", "slices[0].parameters")):
+        if not isinstance(params, dict):
+            raise ConfigError(f"{where}: {label} must be a mapping of parameter names to values")
+
+    experts: dict[str, dict[str, float]] = {}
     paths: dict[str, str] = {}
     overrides: list[Override] = []
-    for position, entry in enumerate(models):
-        path = str(entry["model"] if isinstance(entry, dict) else entry)
-        if path == str(base) and not is_linear:
+    per_expert = {"scale": "weight"} if passthrough else {k: k for k in MERGEKIT_EXPERT_KEYS}
+    for position, (path, params, label) in enumerate(sources):
+        if path == str(base) and method != "linear":
             continue  # the base's task vector is zero; only linear gives its weight a meaning
         name = _unique_name(Path(path).name, paths)
         paths[name] = path
-        params = (entry.get("parameters") or {}) if isinstance(entry, dict) else {}
-        scalar, filtered = _split_mergekit_params(params, f"{where}: models[{position}]")
-        experts[name] = ExpertParams(**scalar)
-        for filt, values in filtered.items():
-            overrides.append(Override(modules=MERGEKIT_FILTERS.get(filt, re.escape(filt)),
-                                      experts={name: ExpertOverride(**values)}))
-    global_params = {k: v for k, v in (data.get("parameters") or {}).items()}
-    for key, value in global_params.items():
-        if not isinstance(value, (int, float, bool)):
-            raise ConfigError(f"{where}: parameters.{key}: only scalar values are supported")
-    recipe = Recipe.from_dict({"method": by_mergekit[method_name], "experts": {n: e.model_dump() for n, e in experts.items()},
-                               "parameters": global_params, "overrides": [o.model_dump() for o in overrides],
+        experts[name] = {}
+        for key in params:
+            if key not in per_expert:
+                known = ", ".join(sorted(per_expert))
+                raise ConfigError(f"{where}: {label}.parameters.{key}: not a per-model parameter evomerge knows ({known})")
+        for key, ours in per_expert.items():
+            layered = [_placed(p[key], f"{where}: {label}", key, layers) for p in [*global_params, params] if key in p]
+            default, rest = _collapse(layered)
+            if default is not None:
+                experts[name][ours] = float(default)
+            overrides += [Override(layers=r, modules=m, experts={name: ExpertOverride(**{ours: float(v)})})
+                          for r, m, v in rest]
+    parameters: dict[str, Any] = {"normalize": False} if passthrough else {}
+    for key in dict.fromkeys(k for p in global_params for k in p):
+        if key in per_expert or key in MERGEKIT_IGNORED_PARAMS:
+            continue
+        default, rest = _collapse([_placed(p[key], f"{where}: parameters", key, layers) for p in global_params if key in p])
+        if default is not None:
+            parameters[key] = default
+        overrides += [Override(layers=r, modules=m, parameters={key: v}) for r, m, v in rest]
+    recipe = Recipe.from_dict({"method": method, "experts": experts, "parameters": parameters,
+                               "overrides": [o.model_dump() for o in overrides],
                                "dtype": data.get("out_dtype") or data.get("dtype")}, where)
-    return recipe, {"base": str(base), "experts": paths}
+    spec: dict[str, Any] = {"base": str(base), "experts": paths}
+    tokenizer = _tokenizer_source(data.get("tokenizer_source"), where)
+    if tokenizer is not None:
+        spec["tokenizer"] = tokenizer
+    return recipe, spec
+
+
+def _mergekit_sources(data: dict[str, Any], where: str, passthrough: bool) -> tuple[list, dict, int | None]:
+    """[(model path, per-model parameters, label)], the slice's parameters, and the layer count the
+    slice names (None for `models:`)."""
+    if "slices" in data and "models" in data:
+        raise ConfigError(f"{where}: give `models:` or `slices:`, not both")
+    if "slices" not in data:
+        models = data.get("models") or []
+        if not isinstance(models, list):
+            raise ConfigError(f"{where}: models: a list of {{model: PATH, parameters: {{...}}}}")
+        sources = [_source(entry, f"models[{i}]", where) for i, entry in enumerate(models)]
+        if passthrough and len(sources) != 1:
+            raise ConfigError(f"{where}: passthrough copies one model; give one entry in `models:` "
+                              "(to combine several, use merge_method: linear)")
+        return sources, {}, None
+    slices = data["slices"]
+    stacking = ("slices that stack layers (a frankenmerge) are not supported: evomerge merges models of one "
+                "architecture tensor by tensor; build the stacked model with mergekit and use it as a pool model")
+    if not isinstance(slices, list) or len(slices) != 1:
+        raise ConfigError(f"{where}: slices: {stacking}")
+    only = slices[0]
+    if not isinstance(only, dict) or "sources" not in only:
+        raise ConfigError(f"{where}: slices[0]: needs `sources:` (a list of {{model, layer_range}})")
+    for key in only:
+        if key not in ("sources", "parameters", "base_model"):
+            raise ConfigError(f"{where}: slices[0].{key}: not supported (slices take sources, parameters)")
+    if "base_model" in only and only["base_model"] != data.get("base_model"):
+        raise ConfigError(f"{where}: slices[0].base_model: give the base once, as the top-level base_model")
+    sources, ends = [], set()
+    for i, entry in enumerate(only["sources"] or []):
+        label = f"slices[0].sources[{i}]"
+        span = entry.get("layer_range") if isinstance(entry, dict) else None
+        if not (isinstance(span, list) and len(span) == 2 and all(isinstance(v, int) for v in span)):
+            raise ConfigError(f"{where}: {label}: needs layer_range: [0, N] (N: the model's layer count)")
+        if span[0] != 0:
+            raise ConfigError(f"{where}: {label}.layer_range {span}: only whole models are merged "
+                              f"(layer_range [0, N] in every source); partial ranges are layer stacking: {stacking}")
+        ends.add(span[1])
+        sources.append(_source({k: v for k, v in entry.items() if k != "layer_range"}, label, where))
+    if len(ends) > 1:
+        raise ConfigError(f"{where}: slices[0]: the sources cover different layer counts {sorted(ends)}; "
+                          "every source must cover the whole model")
+    if passthrough and len(sources) != 1:
+        raise ConfigError(f"{where}: passthrough copies one model; give one source (to combine several, use "
+                          "merge_method: linear)")
+    return sources, only.get("parameters") or {}, ends.pop() if ends else None
+
+
+def _source(entry: Any, label: str, where: str) -> tuple[str, dict, str]:
+    if isinstance(entry, str):
+        return entry, {}, label
+    if not isinstance(entry, dict) or "model" not in entry:
+        raise ConfigError(f"{where}: {label}: needs `model: PATH`")
+    extra = set(entry) - {"model", "parameters"}
+    if extra:
+        raise ConfigError(f"{where}: {label}.{sorted(extra)[0]}: not supported (a model takes model, parameters)")
+    params = entry.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}: {label}.parameters must be a mapping")
+    return str(entry["model"]), params, label
+
+
+class _LayerCount:
+    """The base's decoder layer count, read only when a gradient needs it; a slice's layer_range
+    must agree with it."""
+
+    def __init__(self, base: str, from_slice: int | None, relative_to: Path, where: str):
+        self.base, self.from_slice, self.relative_to, self.where = base, from_slice, relative_to, where
+        self._value: int | None = None
+
+    def __call__(self) -> int:
+        if self._value is None:
+            from evomerge.pool import count_layers
+
+            found = count_layers(self.relative_to / self.base)
+            if self.from_slice is not None and found is not None and found != self.from_slice:
+                raise ConfigError(f"{self.where}: slices[0] covers layers [0, {self.from_slice}) but the base has "
+                                  f"{found}: only whole models are merged (layer_range [0, {found}])")
+            self._value = found or self.from_slice
+            if self._value is None:
+                raise ConfigError(f"{self.where}: a gradient needs the base's layer count: {self.base} has no "
+                                  "config.json with num_hidden_layers (or give slices with layer_range)")
+        return self._value
+
+
+def _placed(setting: Setting, where: str, key: str, layers: Callable[[], int]) -> list[Placed]:
+    """A mergekit setting as (layers, modules, value) entries in evomerge's order: later ones win.
+
+    mergekit takes the first [{filter, value}] entry whose filter is in the tensor's name (no filter
+    or "*": every tensor), so the entries are placed last-first; those after an unfiltered entry can
+    never be reached and are dropped."""
+    if _is_scalar(setting):
+        return [(None, None, setting)]
+    if _is_gradient(setting):
+        return _gradient(setting, None, layers())
+    if not (isinstance(setting, list) and setting and all(isinstance(c, dict) and "value" in c for c in setting)):
+        raise ConfigError(f"{where}.parameters.{key}: {setting!r} is not a number, a gradient (list of numbers) "
+                          "or a list of {filter, value}")
+    reachable = []
+    for cond in setting:
+        reachable.append(cond)
+        if cond.get("filter") in (None, "*"):
+            break
+    placed: list[Placed] = []
+    for cond in reversed(reachable):
+        filt = cond.get("filter")
+        modules = None if filt in (None, "*") else MERGEKIT_FILTERS.get(str(filt), re.escape(str(filt)))
+        value = cond["value"]
+        if _is_scalar(value):
+            placed.append((None, modules, value))
+        elif _is_gradient(value):
+            placed += _gradient(value, modules, layers())
+        else:
+            raise ConfigError(f"{where}.parameters.{key}: value {value!r} is not a number or a gradient")
+    return placed
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (int, float, bool))
+
+
+def _is_gradient(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                           for v in value)
+
+
+def gradient_value(values: list[float], t: float) -> float:
+    """A mergekit gradient at t in [0, 1]: the values are evenly spaced from t = 0 to t = 1 and
+    joined by straight lines."""
+    return float(np.interp(t, np.linspace(0.0, 1.0, len(values)), np.asarray(values, dtype=float)))
+
+
+def _gradient(values: list[float], modules: str | None, n_layers: int) -> list[Placed]:
+    """A gradient over the decoder layers: layer i of n gets t = i / (n - 1) (t = 1 for one layer),
+    tensors outside the layers (embeddings, final norm, head) t = 0, as mergekit plans them.
+    Runs of layers with the same value share one override."""
+    outside = gradient_value(values, 0.0)
+    per_layer = [gradient_value(values, i / (n_layers - 1) if n_layers > 1 else 1.0) for i in range(n_layers)]
+    placed: list[Placed] = [(None, modules, outside)]
+    start = 0
+    for i in range(1, n_layers + 1):
+        if i == n_layers or per_layer[i] != per_layer[start]:
+            if per_layer[start] != outside:
+                placed.append(((start, i), modules, per_layer[start]))
+            start = i
+    return placed
+
+
+def _collapse(layered: list[list[Placed]]) -> tuple[Any, list[Placed]]:
+    """Settings from outer to inner level (top-level, slice, model) -> (default, overrides): an
+    entry for every tensor replaces all before it, so the last such entry is the default."""
+    placed = [entry for level in layered for entry in level]
+    default = None
+    for i, (span, modules, value) in enumerate(placed):
+        if span is None and modules is None:
+            default, start = value, i + 1
+    if default is None:
+        return None, placed
+    return default, placed[start:]
+
+
+def _tokenizer_source(value: Any, where: str) -> str | None:
+    if value in (None, "base"):
+        return None
+    if value == "union":
+        raise ConfigError(f"{where}: tokenizer_source: union builds a merged vocabulary, which evomerge does not do "
+                          "(the pool shares one vocabulary); write tokenizer_source: base or a model's path")
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: tokenizer_source: write base or a model's path")
+    return value
 
 
 def _unique_name(name: str, taken: dict[str, str]) -> str:
@@ -234,25 +493,6 @@ def _unique_name(name: str, taken: dict[str, str]) -> str:
     while candidate in taken:
         candidate, i = f"{name}-{i}", i + 1
     return candidate
-
-
-def _split_mergekit_params(params: dict[str, Any], where: str) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    scalar: dict[str, float] = {}
-    filtered: dict[str, dict[str, float]] = {}
-    for key, value in params.items():
-        if key not in MERGEKIT_EXPERT_KEYS:
-            raise ConfigError(f"{where}: parameter {key!r} is not a per-model parameter evomerge knows (weight, density)")
-        if isinstance(value, (int, float)):
-            scalar[key] = float(value)
-            continue
-        if not isinstance(value, list) or not all(isinstance(v, dict) and "value" in v for v in value):
-            raise ConfigError(f"{where}: parameter {key}: gradients (lists of numbers) are not supported; use a scalar or [{{filter, value}}]")
-        for item in value:
-            if "filter" in item:
-                filtered.setdefault(str(item["filter"]), {})[key] = float(item["value"])
-            else:
-                scalar[key] = float(item["value"])
-    return scalar, filtered
 
 
 def recipe_to_mergekit(recipe: Recipe, pool_spec: dict[str, Any]) -> dict[str, Any]:

@@ -106,9 +106,6 @@ class Run:
     @classmethod
     def create(cls, path: Path, config: dict[str, Any]) -> "Run":
         path = Path(path)
-        if (path / CONFIG).exists():
-            raise EvomergeError(f"{path} already holds a run; continue it with `evomerge resume {path}` "
-                                "or choose another --run-dir")
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -261,9 +258,9 @@ class Run:
             return None
         rebuild = f"delete it to rebuild the run's state from {EVALUATIONS}, then resume"
         try:
-            text = file.read_text()
-        except (OSError, UnicodeDecodeError) as error:
-            raise EvomergeError(f"cannot read {file}: {getattr(error, 'strerror', None) or error}; {rebuild}") from error
+            text = file.read_bytes()
+        except OSError as error:
+            raise EvomergeError(f"cannot read {file}: {error.strerror or error}; {rebuild}") from error
         if not text.strip():
             raise EvomergeError(f"{file} is empty; {rebuild}")
         try:

@@ -1,5 +1,6 @@
 """materialize: the same merge through every sink, against hand formulas and PEFT itself."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -189,8 +190,8 @@ def test_mergekit_filters_become_overrides(full_pool, tmp_path, monkeypatch):
 
 def test_mergekit_method_without_equivalent_is_refused(tmp_path):
     config = tmp_path / "mk.yaml"
-    config.write_text("merge_method: model_stock\nbase_model: a\nmodels: [{model: b}]\n")
-    with pytest.raises(ConfigError, match="merge_method 'model_stock' has no evomerge equivalent"):
+    config.write_text("merge_method: nuslerp\nbase_model: a\nmodels: [{model: b}]\n")
+    with pytest.raises(ConfigError, match="merge_method 'nuslerp' has no evomerge equivalent"):
         load_merge_config(config)
 
 
@@ -241,3 +242,60 @@ def test_resident_evo_merging_reuses_masks_when_densities_repeat(full_pool):
         live = model.state_dict()
         for name, tensor in merge_state_dict(r, pool).items():
             assert torch.equal(live[name], tensor), name
+
+
+def save_tokenizer(path: Path) -> None:
+    """A real (word-level) tokenizer over the synthetic models' 64-token vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(64)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="w0").save_pretrained(path)
+
+
+def test_lowrank_adapter_has_the_tokenizer_and_a_base_path_peft_can_load(lora_pool, tmp_path, monkeypatch):
+    from peft import AutoPeftModelForCausalLM
+
+    spec, pool = lora_pool
+    root = Path(spec["base"]).parent
+    save_tokenizer(root / "base")
+    monkeypatch.chdir(root)  # the pool lies below the working directory: the path is relative to it
+    out = write_adapter_dir(recipe("evo_merging", densities=(0.5, 0.7, 1.0), lora_merge="lowrank"), pool, root / "adapter")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "base"  # not the path baked into the experts' configs
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (root / "base" / name).read_bytes()
+    model = AutoPeftModelForCausalLM.from_pretrained(out)  # PEFT finds the base from here
+    assert model.peft_config["default"].r == 4
+    monkeypatch.chdir(tmp_path)  # outside: the absolute path
+    other = write_adapter_dir(recipe("evo_merging", lora_merge="lowrank"), pool, tmp_path / "adapter")
+    assert json.loads((other / "adapter_config.json").read_text())["base_model_name_or_path"] == str(Path(spec["base"]).resolve())
+
+
+def test_written_files_get_the_modes_open_gives(full_pool, tmp_path):
+    import os
+    import stat
+
+    from evomerge.run import atomic_write
+
+    spec, pool = full_pool
+    old = os.umask(0o022)
+    try:
+        out = write_model_dir(recipe("task_arithmetic"), pool, tmp_path / "merged")
+        atomic_write(tmp_path / "config.yaml", b"a: 1\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    for file in [*out.iterdir(), tmp_path / "config.yaml"]:
+        assert stat.S_IMODE(file.stat().st_mode) == 0o644, file.name
+
+
+def test_cli_merge_counts_the_experts_the_recipe_uses(full_pool, tmp_path):
+    spec, _ = full_pool
+    config = tmp_path / "merge.yaml"
+    r = Recipe(method="ties", experts={"expert0": {"weight": 0.5}, "expert2": {"weight": 0.0}, "expert1": {"weight": 0.7}})
+    config.write_text(yaml.safe_dump({"pool": spec, "recipe": r.model_dump(mode="json")}))
+    done = run_cli("merge", str(config), "-o", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    assert "merged 2 experts with ties" in done.stderr and "1 of the pool's 3 unused" in done.stderr

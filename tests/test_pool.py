@@ -128,3 +128,45 @@ def test_several_problems_are_all_reported(tmp_path):
     lines = str(error.value).splitlines()
     assert lines[0] == "the pool has 2 problems:"
     assert "expert expert0" in lines[1] and "expert expert1" in lines[2]
+
+
+def test_nan_in_the_base_is_found(tmp_path):
+    base = make_base(tmp_path / "base")
+    make_full_expert(base, tmp_path / "a", seed=1)
+    _rewrite(tmp_path / "base", lambda t: t["model.norm.weight"].__setitem__(3, float("inf")))
+    with pytest.raises(PoolError, match="the base: tensor model.norm.weight holds 1 NaN/Inf"):
+        open_pool({"base": tmp_path / "base", "experts": {"a": tmp_path / "a"}}).validate()
+
+
+def test_nan_in_a_lora_factor_is_found(tmp_path):
+    make_base(tmp_path / "base")
+    make_lora_expert(tmp_path / "base", tmp_path / "lora", seed=3)
+    weights = tmp_path / "lora" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = sorted(k for k in tensors if "lora_A" in k)[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(PoolError, match=f"expert l: tensor {key} holds 1 NaN/Inf"):
+        open_pool({"base": tmp_path / "base", "experts": {"l": tmp_path / "lora"}}).validate()
+
+
+def test_value_check_is_redone_when_a_file_changes(tmp_path):
+    """Tensors found finite are remembered per (file, size, mtime): a second validate reads nothing,
+    and a rewritten expert is read again."""
+    base = make_base(tmp_path / "base")
+    make_full_expert(base, tmp_path / "a", seed=1)
+    spec = {"base": tmp_path / "base", "experts": {"a": tmp_path / "a"}}
+    open_pool(spec).validate()
+    open_pool(spec).validate()
+    _rewrite(tmp_path / "a", lambda t: t["model.layers.0.mlp.up_proj.weight"].__setitem__((1, 1), float("nan")))
+    with pytest.raises(PoolError, match="expert a: tensor model.layers.0.mlp.up_proj.weight holds 1 NaN/Inf"):
+        open_pool(spec).validate()
+
+
+def test_float16_values_whose_sum_overflows_are_finite(tmp_path):
+    base = make_base(tmp_path / "base")
+    make_full_expert(base, tmp_path / "a", seed=1)
+    name = "model.layers.0.mlp.up_proj.weight"
+    _rewrite(tmp_path / "a", lambda t: t.__setitem__(name, torch.full_like(t[name], 60000.0, dtype=torch.float16)))
+    assert torch.isinf(torch.full((32, 16), 60000.0, dtype=torch.float16).sum())  # what a float16 sum would say
+    open_pool({"base": tmp_path / "base", "experts": {"a": tmp_path / "a"}}).validate()

@@ -19,7 +19,7 @@ import os
 from typing import Any, Optional
 from urllib.parse import urlparse
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, redact
 
 
 def normalize_base_url(url: str) -> str:
@@ -116,9 +116,9 @@ class OpenAIBackend:
             cause = error.__cause__ or error
             return EvomergeError(f"cannot reach endpoint {self.base_url} ({type(cause).__name__}); is the server up?")
         if isinstance(error, openai.APIStatusError):
-            message = str(getattr(error, "message", error)).splitlines()[0][:200]
+            message = redact(str(getattr(error, "message", error)), (self._api_key(),)).splitlines()[0][:200]
             return EvomergeError(f"endpoint {self.base_url} answered {error.status_code}: {message}")
-        return EvomergeError(f"endpoint {self.base_url}: {type(error).__name__}: {error}")
+        return EvomergeError(f"endpoint {self.base_url}: {type(error).__name__}: {redact(str(error), (self._api_key(),))}")
 
     def preflight(self) -> str:
         """List the endpoint's models: one-line errors for unreachable / auth; returns the model."""
