@@ -71,14 +71,18 @@ def merge(
     names = pool.tensor_names()
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
-        task = progress.add_task(f"merging {len(pool.experts)} experts ({recipe.method})", total=len(names))
+        used = recipe.used_experts()  # what the merge takes from, not the size of the pool
+        task = progress.add_task(f"merging {len(used)} experts ({recipe.method})", total=len(names))
         if recipe.lora_merge == "lowrank":
             write_adapter_dir(recipe, pool, output, device=device)
         else:
             write_model_dir(recipe, pool, output, device=device, dtype=dtype,
                             on_tensor=lambda _name: progress.advance(task))
-    console.print(f"merged {len(pool.experts)} experts with {recipe.method} into {output} "
-                  f"({len(names)} tensors, {time.perf_counter() - started:.1f}s, recipe {recipe.id})")
+    unused = len(pool.experts) - len(used)
+    note = f"; {unused} of the pool's {len(pool.experts)} unused (weight 0 or not in the recipe)" if unused else ""
+    console.print(f"merged {len(used)} experts with {recipe.method} into {output} "
+                  f"({len(names)} tensors, {time.perf_counter() - started:.1f}s, recipe {recipe.id}{note})",
+                  highlight=False)
 
 
 @app.command()
@@ -199,8 +203,12 @@ def export(
     from evomerge.report import export_candidate
     from evomerge.run import Run
 
+    from evomerge.recipe import Recipe
+
     path = export_candidate(Run.open(run_dir), pick, output, device=device, dtype=dtype)
-    console.print(f"exported to {path}")
+    recipe = Recipe.from_yaml((path / "recipe.yaml").read_text(), str(path / "recipe.yaml"))
+    console.print(f"exported {pick} ({len(recipe.used_experts())} experts with {recipe.method}) to {path}",
+                  highlight=False)
 
 
 @app.command()
