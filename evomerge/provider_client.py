@@ -15,7 +15,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, redact
 
 RETRIES = 3  # attempts while the provider refuses connections (GET: also on 5xx); never after a timeout
 RETRY_WAIT_S = 1.0  # doubled after each failed attempt
@@ -80,7 +80,7 @@ def request(endpoint: str, path: str, token: str, body: dict | None = None, time
             with urllib.request.urlopen(req, timeout=timeout) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as error:
-            detail = error.read().decode(errors="replace")[:200]
+            detail = redact(error.read().decode(errors="replace"), (token,))[:200]  # servers may echo it
             failure = ProviderError(f"{endpoint}{path}: HTTP {error.code} {detail}")
             if error.code == 503:  # busy: nothing was queued
                 pause = max(RETRY_WAIT_S, _retry_after(error)) * random.uniform(1.0, 1.5)
