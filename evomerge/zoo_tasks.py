@@ -73,11 +73,16 @@ TASKS: dict[str, Callable[[random.Random], Record]] = {
 
 
 def _copy(rng: random.Random) -> Record:
-    text = "".join(rng.choice(_COPY_CHARS) for _ in range(rng.randint(2, 5)))
+    text = "".join(rng.choice(_COPY_CHARS) for _ in range(COPY_LENGTH))
     return {"question": f"copy {text} =", "answer": f" {text}"}
 
 
 _COPY_CHARS = string.ascii_lowercase + string.ascii_uppercase + string.digits
+# A fixed length (the tasks' word length): copying at a fixed offset is learned by a tiny model in
+# 100-200 steps on every seed tried. Variable lengths (2-5) made it a phase transition that some
+# seeds and package versions crossed within the schedule and others never did (base CE 3.5 instead
+# of 6-11), which left the zoo's mergeable check on the edge of its margin.
+COPY_LENGTH = 4
 
 # Tasks the base is pre-trained on and no expert is scored on: "copy" teaches the answer format
 # and every character, none of the four skills. The base then sits at a converged point, and each
