@@ -16,11 +16,12 @@ from rich.table import Table
 from evomerge.baselines import reference_recipes
 from evomerge.config import SearchConfig, WorkersConfig, open_pool, resolve_pool_spec
 from evomerge.recipe import Recipe
+from evomerge.shipped import shipped_dir
 
-REPO = Path(__file__).resolve().parents[1]
-SEARCH_SUITE = REPO / "evaluators" / "zoo-loss.yaml"
-TEST_SUITE = REPO / "evaluators" / "zoo-generate-test.yaml"
-TEST_LOSS_SUITE = REPO / "evaluators" / "zoo-loss-test.yaml"
+SUITES = shipped_dir("evaluators")
+SEARCH_SUITE = SUITES / "zoo-loss.yaml"
+TEST_SUITE = SUITES / "zoo-generate-test.yaml"
+TEST_LOSS_SUITE = SUITES / "zoo-loss-test.yaml"
 
 
 def classic_recipes(experts: list[str]) -> dict[str, Recipe]:

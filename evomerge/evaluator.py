@@ -43,7 +43,6 @@ METRICS_FOR: dict[str, tuple[str, ...]] = {
     "multiple_choice": ("acc", "acc_norm"),
 }
 LOWER_IS_BETTER = {"loss"}
-N_CHECKED_RECORDS = 5  # templates are checked against the first records of each data file
 
 
 # ---- the suite format ---------------------------------------------------------------------------
@@ -148,6 +147,12 @@ class Suite(_Strict):
 
 def read_jsonl(path: Path) -> list[dict]:
     """Read a JSONL file; a bad line is one error naming file:line."""
+    return [record for _, record in read_jsonl_lines(path)]
+
+
+def read_jsonl_lines(path: Path) -> list[tuple[int, dict]]:
+    """(line number, record) of every record of a JSONL file (blank lines skipped), so that later
+    checks can name file:line too."""
     if not path.is_file():
         raise ConfigError(f"data file {path} does not exist")
     records = []
@@ -161,7 +166,7 @@ def read_jsonl(path: Path) -> list[dict]:
                 raise ConfigError(f"{path}:{number}: not valid JSON ({error.msg}, column {error.colno})") from None
             if not isinstance(record, dict):
                 raise ConfigError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
+            records.append((number, record))
     if not records:
         raise ConfigError(f"data file {path} has no records")
     return records
@@ -169,13 +174,25 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def load_suite(path: str | Path, *, limit: Optional[int] = None) -> Suite:
     """Read, validate and load a suite YAML and its data. `limit` caps every task's doc count."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"suite {path} does not exist")
+    path = _suite_path(path)
     raw = load_yaml_text(path.read_text(encoding="utf-8"), f"suite {path}")
     suite = suite_from_dict(raw, base_dir=path.parent, name=str(path), limit=limit)
     suite._path = path
     return suite
+
+
+def _suite_path(path: str | Path) -> Path:
+    """A suite file, or the name of a shipped one (`zoo-loss` -> evaluators/zoo-loss.yaml)."""
+    from evomerge.shipped import shipped_dir
+
+    path = Path(path)
+    if path.is_file():
+        return path
+    shipped = shipped_dir("evaluators") / f"{path.name.removesuffix('.yaml')}.yaml"
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in shipped_dir("evaluators").glob("*.yaml"))
+    raise ConfigError(f"suite {path} does not exist (shipped suites, by name: {', '.join(names)})")
 
 
 def suite_from_dict(
@@ -203,13 +220,16 @@ def suite_from_dict(
         data_path = base_dir / task.dataset_path
         if not data_path.is_file():
             raise ConfigError(f"task {task.task!r}: dataset_path {data_path} does not exist")
-        docs = read_jsonl(data_path)
-        _check_templates(task, docs, data_path)
+        numbered = read_jsonl_lines(data_path)
+        _check_templates(task, numbered, data_path)
+        docs = [record for _, record in numbered]
         suite._docs[task.task] = docs
         if task.num_fewshot:
             shots_path = base_dir / task.fewshot_path if task.fewshot_path else data_path
-            shots = read_jsonl(shots_path) if task.fewshot_path else docs
-            _check_templates(task, shots, shots_path)
+            if task.fewshot_path:
+                numbered_shots = read_jsonl_lines(shots_path)
+                _check_templates(task, numbered_shots, shots_path)
+            shots = [record for _, record in numbered_shots] if task.fewshot_path else docs
             needed = task.num_fewshot + (0 if task.fewshot_path else 1)
             if len(shots) < needed:
                 raise ConfigError(
@@ -248,7 +268,9 @@ def render(template: Any, doc: dict) -> Any:
     return compiled.render(**doc)
 
 
-def _check_templates(task: TaskConfig, docs: list[dict], data_path: Path) -> None:
+def _check_templates(task: TaskConfig, docs: list[tuple[int, dict]], data_path: Path) -> None:
+    """Every record (not a sample: one record without a field would fail every candidate of a
+    search, for its whole budget), against every template of the task; one line naming file:line."""
     for key in ("doc_to_text", "doc_to_target", "doc_to_choice"):
         template = getattr(task, key)
         if not isinstance(template, str):
@@ -257,12 +279,12 @@ def _check_templates(task: TaskConfig, docs: list[dict], data_path: Path) -> Non
             names = _fields(template)
         except jinja2.TemplateSyntaxError as error:
             raise ConfigError(f"task {task.task!r}: {key} is not a valid jinja2 template ({error})") from None
-        for number, doc in enumerate(docs[:N_CHECKED_RECORDS], 1):
+        for number, doc in docs:
             missing = sorted(names - set(doc))
             if missing:
                 raise ConfigError(
-                    f"task {task.task!r}: {key} names field {missing[0]!r}, missing from record"
-                    f" {number} of {data_path} (fields: {', '.join(sorted(doc))})"
+                    f"{data_path}:{number}: record has no field {missing[0]!r}, which task {task.task!r}'s {key}"
+                    f" uses (fields: {', '.join(sorted(doc))})"
                 )
             try:
                 render(template, doc)
@@ -271,9 +293,7 @@ def _check_templates(task: TaskConfig, docs: list[dict], data_path: Path) -> Non
                 elif key == "doc_to_target" and task.output_type == "multiple_choice":
                     _target_index(task, doc)
             except (jinja2.UndefinedError, jinja2.TemplateError, TypeError, ValueError, KeyError) as error:
-                raise ConfigError(
-                    f"task {task.task!r}: {key} fails on record {number} of {data_path}: {error}"
-                ) from None
+                raise ConfigError(f"{data_path}:{number}: task {task.task!r}'s {key} fails on this record: {error}") from None
 
 
 def _choices(task: TaskConfig, doc: dict) -> list[str]:

@@ -37,8 +37,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from evomerge.errors import ConfigError, validation_message
+from evomerge.shipped import shipped_dir
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "searchspaces"
+PRESETS_DIR = shipped_dir("searchspaces")
 EXPERT_PARAMS = ("weight", "density")  # the per-expert fields a Recipe holds (ExpertParams)
 MODULE_LABELS = {"attention": "attn", "mlp": "mlp"}
 METHOD_GENE = "method"
