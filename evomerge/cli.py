@@ -80,7 +80,7 @@ def merge(
                             on_tensor=lambda _name: progress.advance(task))
     unused = len(pool.experts) - len(used)
     note = f"; {unused} of the pool's {len(pool.experts)} unused (weight 0 or not in the recipe)" if unused else ""
-    console.print(f"merged {len(used)} experts with {recipe.method} into {output} "
+    console.print(f"merged {len(used)} expert{'s' if len(used) != 1 else ''} with {recipe.method} into {output} "
                   f"({len(names)} tensors, {time.perf_counter() - started:.1f}s, recipe {recipe.id}{note})",
                   highlight=False)
 
@@ -207,7 +207,8 @@ def export(
 
     path = export_candidate(Run.open(run_dir), pick, output, device=device, dtype=dtype)
     recipe = Recipe.from_yaml((path / "recipe.yaml").read_text(), str(path / "recipe.yaml"))
-    console.print(f"exported {pick} ({len(recipe.used_experts())} experts with {recipe.method}) to {path}",
+    used = len(recipe.used_experts())
+    console.print(f"exported {pick} ({used} expert{'s' if used != 1 else ''} with {recipe.method}) to {path}",
                   highlight=False)
 
 
