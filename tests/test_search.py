@@ -113,28 +113,55 @@ def wait_for(predicate, timeout: float = 120.0):
     raise AssertionError("timed out waiting")
 
 
-def test_sigkill_then_resume_loses_nothing_and_proposes_the_same(tmp_path, pool_spec):
-    config = write_config(tmp_path / "s.yaml", pool_spec)
-    assert start_search(config, tmp_path / "reference", delay=0).wait() == 0  # the uninterrupted run
+def start_resume(run_dir: Path, delay: float) -> subprocess.Popen:
+    env = {**os.environ, "EVOMERGE_TEST_DELAY": str(delay)}
+    return subprocess.Popen([sys.executable, "-m", "evomerge.cli", "resume", str(run_dir)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
-    process = start_search(config, tmp_path / "run", delay=0.3)
-    wait_for(lambda: len(Run(tmp_path / "run").evaluations()) >= 10)
+
+def kill_when(process: subprocess.Popen, ready, after: float) -> None:
+    """SIGKILL the process (and its Ray workers) ``after`` seconds once ``ready()`` holds."""
+    wait_for(lambda: ready() or process.poll() is not None)
+    assert process.poll() is None, "it finished before the kill"
+    time.sleep(after)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    before = genomes(tmp_path / "run")
-    assert 10 <= len(before) < 24
-    assert Run.open(tmp_path / "run").status()["state"] == "stopped"
 
-    done = subprocess.run([sys.executable, "-m", "evomerge.cli", "resume", str(tmp_path / "run")],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    ids = [e.id for e in Run(tmp_path / "run").evaluations()]
+
+def test_sigkill_at_seeded_random_points_then_resume_is_exact(tmp_path, pool_spec):
+    """Kill -9 the driver in stage 0's first generation, then during a resume, then at once again in
+    stage 1 (twice in a row), each at a seeded random moment (mid-evaluation, between log and
+    checkpoint, during restore or Ray's start); the resumed run must have the uninterrupted run's
+    ids, each once, and its proposals: the genes start on a bound (evo-merging's density 1.0),
+    where an unpickled pycma in a new process used to diverge."""
+    import random
+
+    rng = random.Random(9)
+    delay = 0.25
+    config = write_config(tmp_path / "s.yaml", pool_spec, references=False)
+    reference = genomes(search(load_search_config(config), tmp_path / "reference").path)
+    run_dir = tmp_path / "run"
+    logged = lambda: len(Run(run_dir).evaluations())  # noqa: E731
+
+    first_generation = rng.randint(1, 5)  # popsize 6: ids 0..5 are stage 0's first generation
+    kill_when(start_search(config, run_dir, delay), lambda: logged() >= first_generation, rng.uniform(0, delay))
+    assert first_generation <= logged() < 8 and Run(run_dir).status()["state"] == "stopped"
+
+    process = start_resume(run_dir, delay)
+    lock = run_dir / "lock"
+    kill_when(process, lambda: lock.is_file() and str(process.pid) in lock.read_text(), rng.uniform(0, 3.0))
+
+    in_stage_1 = rng.randint(max(logged() + 1, 10), 20)
+    process = start_resume(run_dir, delay)
+    kill_when(process, lambda: logged() >= in_stage_1, rng.uniform(0, delay))
+    assert Run(run_dir).status()["state"] == "stopped"
+
+    done = start_resume(run_dir, 0.0)
+    assert done.wait(timeout=300) == 0, done.stderr.read()
+    ids = [e.id for e in Run(run_dir).evaluations()]
     assert len(ids) == len(set(ids)) == 24  # nothing repeated, budget finished
-    after = genomes(tmp_path / "run")
-    assert all(after[i] == g for i, g in before.items())  # nothing lost
-    # CMA-ES proposes what it would have without the kill: the same ids, the same points up to
-    # float rounding (an unpickled pycma state can round its linear algebra differently, ~1e-13)
-    reference = genomes(tmp_path / "reference")
+    after = genomes(run_dir)
     assert sorted(after) == sorted(reference)
     assert all(np.allclose(after[i], reference[i], rtol=0, atol=1e-9) for i in after)
 
