@@ -282,3 +282,21 @@ def test_a_second_process_on_a_running_run_is_refused(tmp_path, reference, pool_
         first.wait()
     resume(run_dir)  # the kernel dropped the killed process's lock
     assert_same_as(run_dir, reference)
+
+
+def _can_unshare_mounts() -> bool:
+    done = subprocess.run(["unshare", "-m", "true"], capture_output=True) if shutil.which("unshare") else None
+    return done is not None and done.returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare_mounts(), reason="needs `unshare -m` (a private mount namespace)")
+def test_read_only_file_system_is_one_line(tmp_path, reference):
+    run_dir = stopped_copy(reference, tmp_path / "run", keep=11)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    command = (f"mount -o bind,ro {run_dir} {run_dir} && "
+               f"exec {sys.executable} -m evomerge.cli resume {run_dir}")
+    done = subprocess.run(["unshare", "-m", "sh", "-c", command], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: cannot lock the run {run_dir}: Read-only file system ({run_dir / 'lock'})"], done.stderr
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before

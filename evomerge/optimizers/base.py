@@ -153,9 +153,10 @@ class Optimizer(ABC):
                 "journal": plain(self._journal)}
 
     def load_state_dict(self, state: Any) -> None:
-        """Become the optimizer ``state`` describes: built again from its arguments (its seed and
-        options, not this object's), then its journal replayed. A state that is not this format,
-        this backend or this many genes is a ConfigError."""
+        """Become the optimizer ``state`` describes: this one built again (fresh) and the state's
+        journal replayed into it. A state that is not this format, this backend, this many genes,
+        or was built with other arguments (seed, bounds, options) is a ConfigError: a checkpoint
+        cannot choose what this optimizer is, only replay what the run told it."""
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             found = state.get("format") if isinstance(state, dict) else type(state).__name__
             raise ConfigError(f"optimizer state has format {found!r}; this evomerge reads format {STATE_FORMAT}")
@@ -169,10 +170,16 @@ class Optimizer(ABC):
                 f"checkpoint optimizer has {state.get('dim')} genes, this search space has {self.dim}:"
                 " resume with the search space the run was started with"
             )
-        args, kwargs = state["init"]["args"], state["init"]["kwargs"]
+        args, kwargs = self._init_args
+        saved = state.get("init") or {}
+        if plain(args) != saved.get("args") or plain(kwargs) != saved.get("kwargs"):
+            ours, theirs = plain(kwargs), saved.get("kwargs") or {}
+            keys = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k)) or ["positional arguments"]
+            raise ConfigError(f"checkpoint's {self.name} optimizer was built with another {keys[0]} than this config "
+                              "gives: resume with the config the run was started with")
         self.__dict__.clear()
         self.__init__(*args, **kwargs)
-        self._init_args = (tuple(args), dict(kwargs))
+        self._init_args = (args, kwargs)
         self.replay(state["journal"])
 
     def replay(self, journal: Sequence[Sequence[Any]]) -> None:
