@@ -296,9 +296,24 @@ class Run:
             status = self.read_json(STATUS) or {"state": "created"}
         except EvomergeError as error:  # advisory only: a resume rewrites it
             return {"state": "unknown", "reason": str(error)}
-        if status.get("state") == "running" and not _alive(status.get("pid")):
+        if status.get("state") == "running" and not (self.locked or (_alive(status.get("pid")) and self._lock_held())):
             status["state"] = "stopped"  # the process is gone: killed or crashed; resume continues it
         return status
+
+    def _lock_held(self) -> bool:
+        """Whether some process holds the run's lock (a live pid in status.json may be a reused one).
+        Probed with a shared lock, so that a runner is never blocked by it; no lock file: assume held."""
+        try:
+            fd = os.open(self.path / LOCK, os.O_RDONLY)
+        except OSError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # drops the probe's lock, if it got one
+        return False
 
     # ---- reading results ------------------------------------------------------------------
     def best(self, n: int = 1) -> list[Evaluation]:

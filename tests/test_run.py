@@ -300,3 +300,12 @@ def test_read_only_file_system_is_one_line(tmp_path, reference):
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: cannot lock the run {run_dir}: Read-only file system ({run_dir / 'lock'})"], done.stderr
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
+def test_status_of_a_run_whose_pid_was_reused_is_stopped(tmp_path):
+    run = Run.create(tmp_path / "run", {"budget": 1})
+    run.set_status("running")
+    assert Run(run.path).status()["state"] == "running"  # this process holds the lock
+    run.release_lock()
+    # status.json names a live pid (this one: "reused"), but no process holds the run's lock
+    assert Run(run.path).status()["state"] == "stopped"
