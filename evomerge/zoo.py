@@ -51,7 +51,8 @@ from evomerge.zoo_tasks import ALPHABET, PRETRAIN_MIX, TASKS, eval_splits, train
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ZOO_FORMAT = 3  # 2: copy pre-training, replay while fine-tuning, average rows; 3: fixed-length copy, base trained until it copies
+ZOO_FORMAT = 4  # 2: copy pre-training, replay while fine-tuning, average rows; 3: fixed-length copy, base
+# trained until it copies; 4: tiny has 2 heads (head dim 32: vLLM's CPU attention has no kernel for 16)
 BASE_COPY_TARGET = 0.95  # exact match on held-out `copy` questions the base must reach
 BASE_EXTRA_ROUNDS = 3  # at most this many more half-schedules of pre-training to reach it
 MERGEABLE_MARGIN = 0.25  # nats: how clearly the zoo's checks must hold (not on the edge)
@@ -76,7 +77,7 @@ class ZooSize:
 
 
 SIZES = {
-    "tiny": ZooSize(hidden=64, layers=2, heads=4, intermediate=128, batch=64,
+    "tiny": ZooSize(hidden=64, layers=2, heads=2, intermediate=128, batch=64,
                     base_steps=400, base_lr=3e-3, full_steps=80, full_lr=2e-3,
                     lora_steps=80, lora_lr=1e-2, expert_replay=2),
     "small": ZooSize(hidden=128, layers=4, heads=4, intermediate=256, batch=64,
@@ -291,15 +292,17 @@ def _existing(out: Path, size: str, seed: int) -> dict | None:
     if scores.is_file():
         table = json.loads(scores.read_text())
         meta = table.get("meta", {})
-        if meta.get("size") == size and meta.get("seed") == seed and meta.get("format") == ZOO_FORMAT:
-            return table
         if meta.get("format") != ZOO_FORMAT:
             raise EvomergeError(f"{out} holds a zoo of an older format ({meta.get('format')}, now {ZOO_FORMAT}); "
                                 "delete it and build again")
-        raise EvomergeError(
-            f"{out} already holds a zoo built with size={meta.get('size')!r} seed={meta.get('seed')!r}; "
-            f"delete it or choose another directory to build size={size!r} seed={seed!r}"
-        )
+        if meta.get("size") != size or meta.get("seed") != seed:
+            raise EvomergeError(
+                f"{out} already holds a zoo built with size={meta.get('size')!r} seed={meta.get('seed')!r}; "
+                f"delete it or choose another directory to build size={size!r} seed={seed!r}")
+        if meta.get("spec") != asdict(SIZES[size]):
+            raise EvomergeError(f"{out} holds a {size} zoo built with another schedule ({meta.get('spec')}); "
+                                "delete it and build again")
+        return table
     raise EvomergeError(f"{out} exists and is not a complete zoo; delete it or choose another directory")
 
 

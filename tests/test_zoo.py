@@ -176,3 +176,18 @@ def test_existing_zoo_is_reused_and_others_refused(tiny_zoo, tmp_path):
         build_zoo(tmp_path / "junk", size="tiny", progress=False)
     with pytest.raises(EvomergeError, match="unknown zoo size"):
         build_zoo(tmp_path / "new", size="huge", progress=False)
+
+
+def test_a_zoo_built_by_another_schedule_is_not_reused(tmp_path):
+    # Reusing a zoo whose schedule changed would test today's code on yesterday's models.
+    from dataclasses import asdict
+
+    from evomerge.zoo import SIZES, ZOO_FORMAT
+
+    out = tmp_path / "zoo"
+    out.mkdir()
+    spec = {**asdict(SIZES["tiny"]), "heads": 4}
+    meta = {"format": ZOO_FORMAT, "size": "tiny", "seed": 0, "spec": spec}
+    (out / "scores.json").write_text(json.dumps({"meta": meta, "scores": {}}))
+    with pytest.raises(EvomergeError, match="built with another schedule"):
+        build_zoo(out, size="tiny", seed=0, progress=False)
