@@ -309,3 +309,25 @@ def test_status_of_a_run_whose_pid_was_reused_is_stopped(tmp_path):
     run.release_lock()
     # status.json names a live pid (this one: "reused"), but no process holds the run's lock
     assert Run(run.path).status()["state"] == "stopped"
+
+
+def test_log_ahead_of_the_checkpoint_is_told_from_the_log_never_evaluated_again(tmp_path, reference, capfd):
+    lines = log_lines(reference)
+    # a kill between logging record 12 and checkpointing its tell: the checkpoint has it in flight
+    run_dir = stopped_copy(reference, tmp_path / "run", keep=11)
+    twelfth = json.loads(lines[11])["id"]
+    assert str(twelfth) in json.loads((run_dir / CHECKPOINT).read_text())["in_flight"]
+    with open(run_dir / EVALUATIONS, "ab") as handle:
+        handle.write(lines[11])
+    capfd.readouterr()
+    resume(run_dir)
+    assert "rebuilt" not in capfd.readouterr().err
+    assert log_lines(run_dir)[11] == lines[11]  # told from the log, not run again (ids are unique)
+    assert_same_as(run_dir, reference)
+    # a checkpoint older than that (a backup put back): the log wins, the state is rebuilt from it
+    run_dir = stopped_copy(reference, tmp_path / "run2", keep=11)
+    with open(run_dir / EVALUATIONS, "ab") as handle:
+        handle.write(b"".join(lines[11:15]))
+    resume(run_dir)
+    assert f"{CHECKPOINT} does not match" in capfd.readouterr().err
+    assert_same_as(run_dir, reference)
