@@ -18,6 +18,7 @@ lock (``Run.lock``) is held for the whole of ``execute``: a second search or res
 from __future__ import annotations
 
 import collections
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from evomerge.errors import EvomergeError
 from evomerge.optimizers import backend_of, merge_optimizer_config, optimizer_from_config
 from evomerge.provider import is_remote, pool_info
 from evomerge.recipe import Recipe
-from evomerge.run import CHECKPOINT, EVALUATIONS, LEGACY_CHECKPOINT, REFERENCES, Evaluation, Run
+from evomerge.run import CHECKPOINT, EVALUATIONS, LEGACY_CHECKPOINT, REFERENCES, STATUS, Evaluation, Run
 
 PROVIDER = "provider.json"  # what a remote pool's provider served: experts, layers, suite, tasks
 STAGE_OFFSET = 1_000_000  # candidate id = stage * STAGE_OFFSET + the optimizer's id
@@ -86,8 +87,12 @@ class Search:
             self.provider_info = pool_info(config.pool)
             self.expert_names, n_layers = self.provider_info["experts"], self.provider_info["n_layers"]
         else:
-            pool = open_pool(config.pool).validate(check_values=False)
+            pool = open_pool(config.pool).validate(check_values=True)  # a NaN expert: one line now, not a failed budget
             self.expert_names, n_layers = pool.names, pool.n_layers()
+            if config.objective is None:
+                from evomerge.worker import check_backend
+
+                check_backend(config.backend)  # e.g. openai: no weights to swap, refused before any work
         self.space = load_space(config.space, experts=self.expert_names, n_layers=n_layers)
         if config.suite is not None:
             from evomerge.evaluator import load_suite
@@ -202,6 +207,7 @@ class Search:
                     rerun.append(candidate)
                     continue
                 self._record(state, optimizer, space, candidate, result)
+                self._stop_if_broken(result)
 
     # ---- dispatch -----------------------------------------------------------------------------
     def _idle_workers(self) -> list[int]:
@@ -337,24 +343,76 @@ class Search:
             self.config.pool, self.config.suite, self.config.backend, device=_device_for(workers.device),
             threads=threads, objective=self.config.objective)
 
+    def start_ray(self) -> None:
+        """Start (or join) Ray; called before the run dir is made, so a bad address leaves nothing."""
+        from evomerge.worker import start_ray
+
+        workers = self.config.workers
+        start_ray(workers.ray_address, num_cpus=max(workers.count, _cores()), timeout_s=workers.connect_timeout_s)
+
     def _start_workers(self) -> None:
         import ray
 
-        if not ray.is_initialized():
-            workers = self.config.workers
-            ray.init(address=workers.ray_address, include_dashboard=False, log_to_driver=False,
-                     num_cpus=None if workers.ray_address else max(workers.count, _cores()),
-                     configure_logging=False)
-        self.workers = [self._new_worker() for _ in range(self.config.workers.count)]
-        pids = ray.get([w.info.remote() for w in self.workers])
+        from evomerge.worker import first_line
+
+        self.start_ray()
+        self._check_resources()
+        self._early_failures: list[str] = []  # reasons of this session's first results (see _stop_if_broken)
+        workers = self.config.workers
+        self.workers = [self._new_worker() for _ in range(workers.count)]
+        try:  # each loads its pool and evaluator: bounded, and a constructor's error is one line
+            pids = ray.get([w.info.remote() for w in self.workers], timeout=workers.start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise EvomergeError(f"the {workers.count} worker(s) did not start within {workers.start_timeout_s:.0f}s "
+                                "(workers.start_timeout_s): a cluster without the resources they ask for, or a "
+                                "model that loads slower than that") from None
+        except ray.exceptions.RayError as error:
+            raise EvomergeError(f"a worker failed to start: {first_line(error)}") from None
         self.run.set_status("running", budget=self.config.budget, workers=[p["pid"] for p in pids])
 
+    def _check_resources(self) -> None:
+        """A local cluster cannot grow: workers asking for GPUs it lacks would wait forever."""
+        import ray
+
+        workers = self.config.workers
+        if workers.ray_address or not workers.device.startswith("cuda") or is_remote(self.config.pool):
+            return
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        if gpus < workers.count:
+            raise EvomergeError(f"workers: {workers.count} worker(s) on {workers.device} need {workers.count} GPU(s), "
+                                f"Ray sees {gpus} on this machine; lower workers.count or use device: cpu")
+
     def _stop_workers(self) -> None:
+        """Best effort: on a stop (SIGTERM to the process group, Ctrl-C) Ray itself may be gone, or
+        half imported (a stop during `import ray`): with no workers it is not touched."""
+        if not self.workers:
+            return
         import ray
 
         for worker in self.workers:
-            ray.kill(worker)
+            try:
+                ray.kill(worker)
+            except Exception:  # noqa: BLE001 - the worker, or Ray, is already gone
+                pass
         self.workers = []
+
+    def _stop_if_broken(self, result: dict[str, Any]) -> None:
+        """A broken setup (a field every record lacks, an endpoint that is down, a model that does
+        not load) fails every candidate the same way: when this session's first K results all
+        failed with one reason, stop with it instead of spending the whole budget on it."""
+        failures = getattr(self, "_early_failures", None)
+        if failures is None:
+            return
+        if result.get("status") == "ok":
+            self._early_failures = None  # something works: the search goes on, failures and all
+            return
+        failures.append(_reason_kind(result.get("reason", "")))
+        k = max(EARLY_STOP_AFTER, self.config.workers.count)
+        if len(failures) >= k:
+            self._early_failures = None
+            if len(set(failures)) == 1:
+                raise EvomergeError(f"stopped: the first {k} candidates all failed with the same reason: "
+                                    f"{result.get('reason', '')[:300]} (fix that, then `evomerge resume {self.run.path}`)")
 
     def _score_references(self) -> None:
         """The base and each expert, scored on the same suite by the same workers, through the same
@@ -376,6 +434,14 @@ class Search:
                     todo.append(reference)
                 else:
                     results[names[reference.id]] = result
+        failed = [r.get("reason", "") for r in results.values() if r.get("status") != "ok"]
+        if len(failed) == len(names):  # even the base fails: so will every candidate
+            kind, count = collections.Counter(map(_reason_kind, failed)).most_common(1)[0]
+            reason = next(r for r in failed if _reason_kind(r) == kind)
+            raise EvomergeError(f"stopped before the search: {'every' if count == len(names) else f'{count} of the'} "
+                                f"{len(names)} references (the base and each expert) failed"
+                                f"{'' if count == len(names) else ', the most common reason'}: {reason[:300]} "
+                                f"(fix that, then `evomerge resume {self.run.path}`)")
         self.run.write_json(REFERENCES, {name: results[name] for name in names})
 
     def _restore(self) -> State:
@@ -446,6 +512,15 @@ class Search:
         return state
 
 
+EARLY_STOP_AFTER = 3  # at least this many first results failed alike stop a search (_stop_if_broken)
+
+
+def _reason_kind(reason: str) -> str:
+    """A failure reason without what differs between candidates (recipe ids, numbers), so that
+    "tensor x holds NaN (recipe 3fa2c1)" is the same reason for every candidate."""
+    return re.sub(r"\b(?=[0-9a-f]*\d)[0-9a-f]{6,}\b|\d+(?:\.\d+)?(?:e[-+]?\d+)?", "#", reason)
+
+
 def _cores() -> int:
     import os
 
@@ -459,6 +534,7 @@ def _device_for(device: str) -> str:
 
 def search(config: SearchConfig, run_dir: Path, progress: Any = None) -> Run:
     prepared = Search(config)  # a bad config fails here, before the run dir exists
+    prepared.start_ray()  # and so does a Ray address that does not answer
     return prepared.execute(Run.create(run_dir, config.model_dump(mode="json")), progress)
 
 
@@ -471,8 +547,8 @@ def open_for_resume(run_dir: Path) -> tuple[Run, Search]:
         status = run.status()  # "running" here is stale: its process no longer holds the lock
         if status.get("state") == "finished":
             raise EvomergeError(f"{run_dir} has finished its budget; start another run to search more")
-        if status.get("state") == "unknown":
-            print(f"evomerge: {status['reason']} (ignored: resume writes it again)", file=sys.stderr)
+        if status.get("state") == "unknown":  # advisory only
+            print(f"evomerge: {run.path / STATUS} is not valid JSON: ignored, this resume writes it again", file=sys.stderr)
         return run, Search(SearchConfig.model_validate(run.config()))
     except BaseException:
         run.release_lock()

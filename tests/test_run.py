@@ -212,7 +212,7 @@ def test_bad_json_in_references_or_status_is_one_line(tmp_path, reference, capfd
     (run_dir / "status.json").write_text("{")
     assert Run(run_dir).status()["state"] == "unknown"  # `show` says so instead of a traceback
     resume(run_dir)
-    assert "status.json is not valid JSON" in capfd.readouterr().err
+    assert "status.json is not valid JSON: ignored, this resume writes it again" in capfd.readouterr().err
     assert Run(run_dir).status()["state"] == "finished"
     assert_same_as(run_dir, reference)
 
