@@ -5,9 +5,9 @@ base (through a Worker, as a search does) and compared with the hf backend on th
 in-place weight swap is compared with an engine started on the merged checkpoint (through
 `evomerge eval --backend vllm`, as a user runs it). Without vLLM those tests are skipped, saying so.
 
-vLLM's CPU attention kernels take head sizes 32, 64, ... only, and the tiny zoo's are 16, so these
-tests build the tiny zoo with 2 heads (head_dim 32) with the zoo's own builder, once per session
-(EVOMERGE_VLLM_ZOO=/some/dir keeps it between sessions). VLLM_CPU_KVCACHE_SPACE defaults to 1 GiB.
+The model is the tiny demo zoo's (conftest's `tiny_zoo`; EVOMERGE_TINY_ZOO keeps it between
+sessions): 2 heads of 32, because vLLM's CPU attention kernels take head sizes 32, 64, ... only.
+VLLM_CPU_KVCACHE_SPACE defaults to 1 GiB.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -145,15 +144,12 @@ def test_missing_vllm_is_one_line_and_lazy():
 
 
 @pytest.fixture(scope="module")
-def vllm_zoo(tmp_path_factory) -> Path:
-    """The tiny demo zoo with head_dim 32 (2 heads), built by the zoo's own builder."""
-    from evomerge import zoo
-
-    zoo.SIZES.setdefault("tiny-hd32", replace(zoo.SIZES["tiny"], heads=2))
-    cached = os.environ.get("EVOMERGE_VLLM_ZOO")
-    out = Path(cached) if cached else tmp_path_factory.mktemp("vllm-zoo") / "tiny-hd32"
-    zoo.build_zoo(out, size="tiny-hd32", seed=0, progress=False)
-    return out
+def vllm_zoo(tiny_zoo) -> Path:
+    """The tiny demo zoo (conftest's; EVOMERGE_TINY_ZOO keeps it), whose heads vLLM's CPU kernels take."""
+    config = json.loads((tiny_zoo / "base" / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    assert head_dim % 32 == 0, f"tiny zoo head_dim {head_dim}: vLLM's CPU attention takes 32, 64, ... only"
+    return tiny_zoo
 
 
 def _write_suite(directory: Path, zoo: Path) -> Path:
