@@ -210,12 +210,18 @@ class VLLMBackend:
     def update_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> None:
         """Replace weights in place on every worker, then drop the prefix cache."""
         self.llm.collective_rpc("evomerge_load_weights", args=(pack_tensors(named_tensors),))
-        self.llm.reset_prefix_cache()
+        self._reset_prefix_cache()
 
     def update_weights_from_path(self, path: str) -> None:
         """Load a safetensors file or a dir of them in place (the engine process reads the disk)."""
         self.llm.collective_rpc("evomerge_load_weights_from_path", args=(str(path),))
-        self.llm.reset_prefix_cache()
+        self._reset_prefix_cache()
+
+    def _reset_prefix_cache(self) -> None:
+        """KV blocks cached for a prompt were computed with the old weights: scoring the new ones
+        must not reuse them. vLLM refuses (returns False) while requests are running."""
+        if self.llm.reset_prefix_cache() is False:
+            raise EvomergeError("vLLM kept its prefix cache after a weight swap (requests still running?)")
 
     def close(self) -> None:
         """Stop the engine process now (also done by vLLM when the LLM is garbage-collected)."""
