@@ -6,11 +6,14 @@ for the traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 from rich.console import Console
@@ -116,7 +119,7 @@ def search(
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Where the run goes (default runs/NAME)."),
     budget: Optional[int] = typer.Option(None, help="Evaluations in all (overrides the config)."),
     workers: Optional[int] = typer.Option(None, help="Number of Ray workers (overrides the config)."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join an existing Ray cluster."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (default: a private local one; RAY_ADDRESS is ignored)."),
     seed: Optional[int] = typer.Option(None, help="Seed (overrides the config)."),
 ):
     """Search for a merge recipe; resumable with `evomerge resume RUN` after any stop.
@@ -127,15 +130,16 @@ def search(
     from evomerge.run import Run
     from evomerge.search import Search
 
-    loaded = load_search_config(config, budget=budget, seed=seed)
-    updates = {"count": workers, "ray_address": ray_address}
-    loaded = loaded.model_copy(update={"workers": loaded.workers.model_copy(
-        update={k: v for k, v in updates.items() if v is not None})})
-    run_dir = run_dir or Path("runs") / (loaded.name or config.stem)
-    prepared = Search(loaded)  # checks pool, space, suite and optimizer before anything is written
-    run = Run.create(run_dir, loaded.model_dump(mode="json"))
-    with _search_progress(run_dir, loaded.budget) as progress:
-        prepared.execute(run, progress=progress)
+    run = None
+    with _stoppable(lambda: run.path if run else None):  # a stop before the run dir is made: nothing to resume
+        loaded = load_search_config(config, budget=budget, seed=seed, workers={"count": workers, "ray_address": ray_address})
+        run_dir = run_dir or Path("runs") / (loaded.name or config.stem)
+        _note_ignored_ray_address(loaded.workers.ray_address)
+        prepared = Search(loaded)  # checks pool, space, suite and optimizer before anything is written
+        prepared.start_ray()  # and a Ray address that does not answer (bounded)
+        run = Run.create(run_dir, loaded.model_dump(mode="json"))
+        with _search_progress(run_dir, loaded.budget) as progress:
+            prepared.execute(run, progress=progress)
     _print_summary(run)
 
 
@@ -145,10 +149,96 @@ def resume(run_dir: Path = RunDirArgument):
     """Continue a stopped run: finished candidates are kept, in-flight ones run again."""
     from evomerge.search import open_for_resume
 
-    run, prepared = open_for_resume(run_dir)
-    with _search_progress(run_dir, prepared.config.budget) as progress:
-        prepared.execute(run, progress=progress)
+    with _stoppable(lambda: run_dir):
+        run, prepared = open_for_resume(run_dir)
+        _note_ignored_ray_address(prepared.config.workers.ray_address)
+        with _search_progress(run_dir, prepared.config.budget) as progress:
+            prepared.execute(run, progress=progress)
     _print_summary(run)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt: a stop unwinds the
+    same way (status stopped, workers killed, the log intact: as safe as kill -9, and tidier)."""
+
+    def __str__(self) -> str:
+        return "SIGTERM"
+
+
+_signals_received: list[int] = []  # Ray's calls turn an exception raised inside them into KeyboardInterrupt
+_signal_again: list[threading.Timer] = []
+
+
+def _raise_stop(signum, frame):
+    """Raise Terminated (SIGTERM) or KeyboardInterrupt (SIGINT) wherever the main thread is. That
+    may be code whose exceptions Python swallows (a weakref callback, __del__, a Cython module's
+    import): so the signal comes again shortly, until a stop has begun (`_stoppable` then ignores
+    both signals and cancels it)."""
+    _signals_received.append(signum)
+    again = threading.Timer(0.5, os.kill, (os.getpid(), signum))
+    again.daemon = True
+    again.start()
+    _signal_again.append(again)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+@contextlib.contextmanager
+def _stoppable(run_dir: Callable[[], Optional[Path]]):
+    """SIGTERM and Ctrl-C stop a search or resume with one line saying how to continue (the run
+    dir, once known, is `run_dir()`), and exit 143 / 130 (the shell's codes), never a traceback."""
+    previous = signal.signal(signal.SIGTERM, _raise_stop), signal.signal(signal.SIGINT, _raise_stop)
+    sys.unraisablehook = functools.partial(_quiet_stops, sys.unraisablehook)
+    stopping = False
+    try:
+        yield
+    except KeyboardInterrupt as stop:
+        stopping = True
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the cleanup
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # kept until exit: the exit itself is the stop
+        for again in _signal_again:
+            again.cancel()
+        terminated = isinstance(stop, Terminated) or signal.SIGTERM in _signals_received
+        how, code = ("SIGTERM", 143) if terminated else ("Ctrl-C", 130)
+        from evomerge.run import CONFIG
+
+        where = run_dir()
+        if where is not None and (where / CONFIG).is_file():
+            _mark_stopped(where, how)
+            console.print(f"stopped ({how}): continue with `evomerge resume {where}`", highlight=False, soft_wrap=True)
+        else:
+            console.print(f"stopped ({how}) before the run started: nothing was written", highlight=False, soft_wrap=True)
+        sys.exit(code)
+    finally:
+        if not stopping:
+            signal.signal(signal.SIGTERM, previous[0])
+            signal.signal(signal.SIGINT, previous[1])
+
+
+def _mark_stopped(run_dir: Path, how: str) -> None:
+    """The search records a stop itself; a signal landing just as it writes `running` (or before
+    its handler is in place) can leave `running` behind: this process's own `running` is stopped."""
+    from evomerge.run import STATUS, Run
+
+    run = Run(run_dir)
+    try:
+        status = run.read_json(STATUS) or {}
+        if status.get("state") == "running" and status.get("pid") == os.getpid():
+            run.set_status("stopped", reason=how, budget=status.get("budget"))
+    except Exception:  # noqa: BLE001 - advisory: a resume continues the run whatever status says
+        pass
+
+
+def _quiet_stops(hook, unraisable) -> None:
+    """A stop raised inside a callback is swallowed by Python (the signal comes again): no traceback."""
+    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+        hook(unraisable)
+
+
+def _note_ignored_ray_address(address: Optional[str]) -> None:
+    inherited = os.environ.get("RAY_ADDRESS")
+    if inherited and not address:
+        console.print(f"note: RAY_ADDRESS={inherited} is ignored (a search starts a private local Ray cluster); "
+                      "join a cluster with --ray-address or workers.ray_address", highlight=False, markup=False, soft_wrap=True)
 
 
 def _print_summary(run) -> None:

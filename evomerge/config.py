@@ -116,7 +116,10 @@ class WorkersConfig(_Strict):
     count: int = Field(1, ge=1, description="Ray actors; one per GPU on cuda, N on cpu")
     device: str = "cpu"
     threads: int | None = Field(None, description="torch threads per CPU worker (default: cores / count)")
-    ray_address: str | None = None
+    ray_address: str | None = Field(None, description="join this Ray cluster; unset: a private local one "
+                                    "(an inherited RAY_ADDRESS is ignored)")
+    connect_timeout_s: float = Field(30.0, gt=0, description="joining the cluster at ray_address takes at most this")
+    start_timeout_s: float = Field(600.0, gt=0, description="workers not up (pool and evaluator loaded) by then fail the run")
     timeout_s: float = Field(900.0, gt=0, description="a candidate running longer is failed and its worker replaced")
     max_attempts: int = Field(3, ge=1, description="runs of one candidate whose worker died before it is failed")
 
@@ -199,14 +202,34 @@ def _url_secret(text: str) -> str:
     return ""
 
 
+def _apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> set[tuple[str, ...]]:
+    """Command-line overrides into the file's data, so they are validated as the file's own values;
+    a mapping (workers: {count: 2}) is merged into the file's. Returns the keys given."""
+    given: set[tuple[str, ...]] = set()
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if v is not None}
+            if value and data.get(key) is None:
+                data[key] = value
+            elif value and isinstance(data[key], dict):
+                data[key] = {**data[key], **value}
+            given |= {(key, k) for k in value}
+        elif value is not None:
+            data[key] = value
+            given.add((key,))
+    return given
+
+
 def load_search_config(path: Path, **overrides: Any) -> SearchConfig:
     path = Path(path)
     data = load_yaml_file(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a search config is a mapping (pool, space, suite, optimizer, budget, ...)")
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    given = _apply_overrides(data, overrides)
     try:
         config = SearchConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(f"{path}: {validation_message(error)}") from None
+        location = tuple(str(part) for part in error.errors()[0]["loc"])
+        origin = " (given on the command line)" if location[:2] in given or location[:1] in given else ""
+        raise ConfigError(f"{path}: {validation_message(error)}{origin}") from None
     return config.resolved(path.parent).check(str(path))

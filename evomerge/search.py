@@ -207,7 +207,7 @@ class Search:
                     rerun.append(candidate)
                     continue
                 self._record(state, optimizer, space, candidate, result)
-                self._stop_if_broken(result)
+                self._stop_if_broken(result, state)
 
     # ---- dispatch -----------------------------------------------------------------------------
     def _idle_workers(self) -> list[int]:
@@ -396,12 +396,14 @@ class Search:
                 pass
         self.workers = []
 
-    def _stop_if_broken(self, result: dict[str, Any]) -> None:
+    def _stop_if_broken(self, result: dict[str, Any], state: State) -> None:
         """A broken setup (a field every record lacks, an endpoint that is down, a model that does
         not load) fails every candidate the same way: when this session's first K results all
-        failed with one reason, stop with it instead of spending the whole budget on it."""
+        failed with one reason, stop with it instead of spending the rest of the budget on it."""
         failures = getattr(self, "_early_failures", None)
-        if failures is None:
+        later = range(state.stage + 1, self.space.n_stages)
+        left = self.stage_budget(state.stage) - state.told + sum(self.stage_budget(s) for s in later)
+        if failures is None or left <= 0:
             return
         if result.get("status") == "ok":
             self._early_failures = None  # something works: the search goes on, failures and all

@@ -4,18 +4,31 @@ A Worker is a plain class so it can be used in-process (export, tests); `RayWork
 class as a Ray actor. Only the recipe (a few floats) crosses the process boundary, never tensors.
 A candidate that fails (NaN weights, an exception in the merge or the evaluation) comes back as
 a result with status "failed" and the reason; the worker stays usable.
+
+`start_ray` starts the Ray cluster the workers run in: a private local one unless an address is
+given explicitly, within a bounded time, interruptible.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+import logging
 import math
 import os
+import signal
+import socket
+import tempfile
+import threading
 import time
 import traceback
 from typing import Any, Callable
 
+from evomerge.errors import ConfigError, EvomergeError
 from evomerge.recipe import Recipe
+
+LOCAL_START_TIMEOUT_S = 120.0  # a local Ray start takes seconds; more means something is wrong
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
 
 
 def load_callable(spec: str) -> Callable[..., Any]:
@@ -104,3 +117,143 @@ def ray_worker_class(device: str):
     if device.startswith("cuda"):
         return ray.remote(num_gpus=1, num_cpus=1)(Worker)
     return ray.remote(num_cpus=1)(Worker)
+
+
+# ---- what a search's workers need, checked before any run dir or Ray ---------------------------
+
+
+def check_backend(backend: dict[str, Any]) -> None:
+    """The backend a worker will build, checked up front: a known name, options it takes, and one
+    that can score merged weights. A worker swaps each candidate's weights into its resident model
+    (`Worker._swap_weights`); a backend that scores a model served elsewhere (openai) has no
+    weights to swap, so every candidate would score the same served model."""
+    from evomerge.backends import BACKENDS
+
+    name = backend.get("name", "hf")
+    engine = BACKENDS.get(name)  # an unknown name: did-you-mean
+    if not getattr(engine, "takes_weights", True):
+        raise ConfigError(f"backend {name!r} scores the model served at its base_url and cannot take merged weights, "
+                          "so it cannot score a search's candidates: use backend hf or vllm, or have the pool served "
+                          "by `evomerge serve` (pool: {endpoint: URL}); score one served model with `evomerge eval`")
+    options = {k: v for k, v in backend.items() if k != "name"}
+    for fixed in ("model", "device"):
+        if fixed in options:
+            raise ConfigError(f"backend.{fixed}: set by the search (the pool's base, workers.device); drop it")
+    try:
+        inspect.signature(engine).bind(model="base", device="cpu", **options)
+    except TypeError as error:
+        raise ConfigError(f"backend {name!r}: {error}") from None
+
+
+# ---- Ray: a private local cluster unless an address is given; every wait bounded ---------------
+
+
+def start_ray(address: str | None, num_cpus: int | None, timeout_s: float) -> None:
+    """Start a private local Ray cluster (address None), or join the one at `address`.
+
+    An inherited RAY_ADDRESS is ignored (a search never joins someone else's cluster silently),
+    and the local cluster keeps its files in a directory of this user's. ray.init runs in a helper
+    thread: it blocks in C++ for minutes on an address that accepts connections but is no Ray, and
+    Python runs signal handlers (Ctrl-C, SIGTERM) only in the main thread, which here just waits,
+    up to `timeout_s` (LOCAL_START_TIMEOUT_S for a local start). The thread then stays alive:
+    Ray's processes are tied to the thread that started them (PR_SET_PDEATHSIG)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address == "local":
+        address = None
+    if address:
+        check_reachable(address, timeout_s)
+    options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    if not address:
+        options.update(num_cpus=num_cpus, _temp_dir=os.environ.get("RAY_TMPDIR") or _private_ray_dir())
+    started, failures = threading.Event(), []
+    logging.getLogger("ray._private.worker").addFilter(_not_the_thread_warning)
+
+    def init() -> None:
+        try:
+            ray.init(address=address or "local", **options)
+        except BaseException as error:  # noqa: BLE001 - reported by the waiting main thread
+            failures.append(error)
+        started.set()
+        if not failures:
+            threading.Event().wait()
+
+    # Ray's C++ core would take SIGTERM over while it starts (a stack dump, then an abort: exit -6)
+    # before _reclaim_signals can give it back; without it, the CLI's clean stop works throughout.
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    inherited = os.environ.pop(RAY_ADDRESS_ENV, None) if address is None else None
+    try:
+        threading.Thread(target=init, name="evomerge-ray-init", daemon=True).start()
+        limit = timeout_s if address else LOCAL_START_TIMEOUT_S
+        deadline = time.monotonic() + limit
+        while not started.wait(0.1):
+            if time.monotonic() > deadline:
+                where = f"join the Ray cluster at {address}" if address else "start a local Ray cluster"
+                raise EvomergeError(f"could not {where} within {limit:.0f}s" + (
+                    "; check --ray-address (workers.ray_address), or leave it unset for a private local cluster"
+                    if address else ""))
+    finally:
+        if inherited is not None:
+            os.environ[RAY_ADDRESS_ENV] = inherited
+    if failures:
+        where = f"join the Ray cluster at {address}" if address else "start a local Ray cluster"
+        raise EvomergeError(f"could not {where}: {first_line(failures[0])}") from None
+    _reclaim_signals()
+
+
+def _not_the_thread_warning(record: logging.LogRecord) -> bool:
+    """Ray warns that it sets no SIGTERM handler from a thread: that is the point (the CLI has one)."""
+    return "SIGTERM handler is not set" not in record.getMessage()
+
+
+def _reclaim_signals() -> None:
+    """Ray's C++ core may install its own SIGTERM handler (unless RAY_DISABLE_FAILURE_SIGNAL_HANDLER:
+    it dumps a stack and aborts, exit -6): give SIGTERM and SIGINT back to the Python handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for number in (signal.SIGTERM, signal.SIGINT):
+        handler = signal.getsignal(number)
+        if callable(handler):
+            signal.signal(number, handler)
+
+
+def check_reachable(address: str, timeout_s: float) -> None:
+    """A TCP connection to a Ray address (GCS host:port, or ray://host:port of a Ray Client server),
+    so that a wrong address is one line in seconds, not ray.init's minutes of retries."""
+    if address == "auto":
+        return  # this machine's running cluster, found by Ray itself (fast when there is none)
+    scheme, _, rest = address.rpartition("://")
+    host, _, port = rest.rstrip("/").rpartition(":")
+    if not host:
+        host, port = rest, ""
+    try:
+        number = int(port) if port else (10001 if scheme else 6379)
+        socket.create_connection((host.strip("[]"), number), timeout=min(timeout_s, 10.0)).close()
+    except (OSError, ValueError) as error:
+        reason = type(error).__name__ if isinstance(error, OSError) else f"bad port {port!r}"
+        raise EvomergeError(f"cannot reach the Ray cluster at {address} ({reason}); check --ray-address "
+                            "(workers.ray_address), or leave it unset for a private local cluster") from None
+
+
+def first_line(error: BaseException) -> str:
+    """What went wrong, in one line: the last line of a Ray error that carries a remote traceback
+    (the exception itself), else the first line of the message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    exception_lines = [line for line in lines if _looks_like_exception(line)]
+    line = exception_lines[-1] if exception_lines else lines[0]
+    return line[:300]
+
+
+def _looks_like_exception(line: str) -> bool:
+    head = line.split(":", 1)[0]
+    return ":" in line and head.replace(".", "").isidentifier() and head.split(".")[-1][:1].isupper() \
+        and head.endswith(("Error", "Exception", "Interrupt", "Exit"))
+
+
+def _private_ray_dir() -> str:
+    """Ray's files under a directory of this user's: /tmp/ray may belong to another user's cluster."""
+    return os.path.join(tempfile.gettempdir(), f"ray-{os.getuid()}" if hasattr(os, "getuid") else "ray-evomerge")

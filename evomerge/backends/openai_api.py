@@ -67,6 +67,9 @@ def parse_echo_logprobs(choice: Any, context_chars: int, prompt_chars: int) -> t
 
 class OpenAIBackend:
     name = "openai"
+    # It scores the model an endpoint serves: nothing can put a candidate's merged weights into it,
+    # so a search refuses it up front (evomerge.worker.check_backend); `evomerge eval` scores it.
+    takes_weights = False
 
     def __init__(
         self,
