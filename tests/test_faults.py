@@ -257,6 +257,24 @@ def test_a_record_missing_a_field_past_the_fifth_is_one_line_with_file_and_line(
     assert not (tmp_path / "run").exists()
 
 
+def test_a_pool_with_nan_in_an_expert_is_refused_before_the_search(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    spec = make_pool(tmp_path / "pool", n_experts=2)
+    weights = Path(spec["experts"]["expert1"]) / "model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name][0] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    config = write_config(tmp_path / "s.yaml", spec)
+    done = evomerge("search", str(config), "--run-dir", str(tmp_path / "run"), timeout=90)
+    assert done.returncode == 2
+    line = one_line(done.stderr)
+    assert "expert1" in line and name in line and "NaN" in line, line
+    assert not (tmp_path / "run").exists()
+
+
 # ---- a broken setup stops the search instead of spending its budget ---------------------------------
 
 
