@@ -109,8 +109,8 @@ class Search:
         try:
             self._check_provider()
             state = self._restore()
-            self.run.set_status("running", budget=self.config.budget)
-            try:
+            try:  # set_status inside: a signal right after it must not leave `running` behind
+                self.run.set_status("running", budget=self.config.budget)
                 self._start_workers()
                 if self.config.references and self.run.read_json(REFERENCES) is None:
                     self._score_references()
