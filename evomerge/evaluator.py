@@ -496,16 +496,18 @@ def _score_generate(requests: TaskRequests, outputs: list[str]) -> tuple[dict[st
 def evaluate(suite: Suite, backend, *, keep_samples: bool = False) -> SuiteResult:
     """Score every task of `suite` through `backend`; scores are higher-is-better."""
     started = time.perf_counter()
-    chat = getattr(backend, "apply_chat_template", None)
+    chat = backend.apply_chat_template if backend.chat_template else None  # declared (evomerge.backends)
     for task in suite.tasks:
         if task.apply_chat_template and chat is None and task.output_type != "generate_until":
             raise ConfigError(
                 f"task {task.task!r}: apply_chat_template with output_type {task.output_type!r} needs"
                 f" a backend that holds the tokenizer (hf, vllm); {backend.name!r} can only chat-generate"
             )
-    check = getattr(backend, "check", None)
-    if check is not None:  # e.g. does the endpoint return prompt logprobs? (before any real work)
-        check({task.output_type for task in suite.tasks})
+        if task.output_type != "generate_until" and not backend.loglikelihoods:
+            raise ConfigError(f"task {task.task!r}: output_type {task.output_type!r} needs log-likelihoods, "
+                              f"which backend {backend.name!r} does not give; use hf or vllm")
+    # e.g. does the endpoint return prompt logprobs? (before any real work)
+    backend.check({task.output_type for task in suite.tasks})
     results: dict[str, TaskResult] = {}
     for task in suite.tasks:
         task_started = time.perf_counter()
@@ -537,5 +539,5 @@ def evaluate(suite: Suite, backend, *, keep_samples: bool = False) -> SuiteResul
         tasks=results,
         scalar=scalar,
         seconds=time.perf_counter() - started,
-        backend=getattr(backend, "name", type(backend).__name__),
+        backend=backend.name,
     )

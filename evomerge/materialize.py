@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.methods import get_method, lowrank_lora_merge, topmag
 from evomerge.pool import LoraFactors, Pool, all_finite
-from evomerge.recipe import Recipe
+from evomerge.recipe import Recipe, TensorPlan
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -58,25 +58,85 @@ def tensor_generator(seed: int, tensor_name: str, device: torch.device | str) ->
 
 
 def check_recipe(recipe: Recipe, pool: Pool) -> None:
-    """Everything about a recipe that can be checked before touching a tensor."""
+    """Everything about a recipe that can be checked before touching a tensor: its own values,
+    every override's (one line naming the override's index and key), and every combination of
+    overrides a tensor of the pool gets, so that no value outside a method's domain fails mid-merge."""
     method = get_method(recipe.method)
     unknown = [name for name in recipe.experts if name not in pool.experts]
     if unknown:
         raise ConfigError(f"recipe names expert {unknown[0]!r}, which is not in the pool ({', '.join(pool.names)})")
-    for override in recipe.overrides:
-        for name in override.experts:
-            if name not in recipe.experts:
-                raise ConfigError(f"override names expert {name!r}, which the recipe does not list")
+    for index, override in enumerate(recipe.overrides):
+        _check_override_values(recipe, method, index, override)
     if recipe.lora_merge == "lowrank":
         if pool.kinds != {"lora"}:
             raise ConfigError("lora_merge: lowrank needs a pool of LoRA adapters only")
         if recipe.method != "evo_merging":
             raise ConfigError(f"lora_merge: lowrank is defined for method evo_merging, not {recipe.method}")
-    # Let the method check its parameter domains once, on a 1-element tensor.
+    _check_plan(method, _plan_with(recipe, []))  # the recipe's own values: the method's message as it is
+    for index, override in enumerate(recipe.overrides):  # each override over them, whatever it matches
+        with _prefixed(f"recipe overrides[{index}]: "):
+            _check_plan(method, _plan_with(recipe, [override]))
+    _check_tensor_plans(recipe, method, pool)
+
+
+def _plan_with(recipe: Recipe, overrides: list) -> TensorPlan:
+    """The plan of a tensor that these overrides match (their layer and module filters aside)."""
+    experts, parameters = dict(recipe.experts), dict(recipe.parameters)
+    for override in overrides:
+        for name, values in override.experts.items():
+            experts[name] = values.apply_to(experts[name])
+        parameters.update(override.parameters)
+    return TensorPlan(weights=tuple(experts[n].weight for n in recipe.experts),
+                      densities=tuple(experts[n].density for n in recipe.experts), parameters=parameters)
+
+
+def _check_override_values(recipe: Recipe, method, index: int, override) -> None:
+    """Per-expert values of one override, each against the method's domain for its key."""
+    from evomerge.methods import _check_domain
+
+    for name, values in override.experts.items():
+        if name not in recipe.experts:
+            raise ConfigError(f"recipe overrides[{index}].experts.{name}: expert {name!r} is not one of the "
+                              f"recipe's experts ({', '.join(recipe.experts)})")
+        for key, value in values.model_dump(exclude_none=True).items():
+            spec = method.param(key)
+            if spec is not None:  # a key the method does not take is ignored, as in the recipe's own values
+                _check_domain(method.name, f"recipe overrides[{index}].experts.{name}.{key}", float(value), spec)
+
+
+def _check_tensor_plans(recipe: Recipe, method, pool: Pool) -> None:
+    """Overrides that match one tensor together (say two whose weights then sum to 0): every
+    distinct plan the pool's merged tensors get, checked once."""
+    if not recipe.overrides:
+        return
+    seen: set = set()
+    for name in pool.tensor_names():
+        if not pool.touched(name):
+            continue
+        plan = recipe.plan(name)
+        key = (plan.weights, plan.densities, tuple(sorted(plan.parameters.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        matched = ", ".join(str(i) for i, override in enumerate(recipe.overrides) if override.matches(name))
+        with _prefixed(f"recipe overrides[{matched}] combined on tensor {name}: "):
+            _check_plan(method, plan)
+
+
+def _check_plan(method, plan) -> None:
+    """Let the method check its parameter domains once, on a 1-element tensor."""
     one = torch.zeros(1)
-    plan = recipe.plan("")
-    method.merge(one, [one] * len(recipe.experts), list(plan.weights), list(plan.densities),
+    method.merge(one, [one] * len(plan.weights), list(plan.weights), list(plan.densities),
                  dict(plan.parameters), torch.Generator().manual_seed(0))
+
+
+@contextlib.contextmanager
+def _prefixed(where: str) -> Iterator[None]:
+    """A ConfigError raised inside says where it comes from."""
+    try:
+        yield
+    except ConfigError as error:
+        raise ConfigError(f"{where}{error}") from None
 
 
 class TensorSource:

@@ -44,6 +44,7 @@ class Worker:
         if threads:
             torch.set_num_threads(threads)
         self.pid = os.getpid()
+        self.backend = None  # none for a synthetic objective
         self.objective = load_callable(objective) if objective else None
         if self.objective is None:
             self._load_models(pool_spec, suite, backend, device)
@@ -61,19 +62,23 @@ class Worker:
         self.backend = build_backend(backend.get("name", "hf"), model=pool_spec["base"], device=device, **options)
 
     def _swap_weights(self, recipe: Recipe) -> None:
-        if hasattr(self.backend, "update_weights"):  # vLLM: the engine's own loaders take the tensors
+        """Put the candidate's merge into the backend the way its class declares it takes weights."""
+        swap = self.backend.weights
+        if swap == "module":  # transformers: merged straight into the live module's parameters
+            self.merger.apply(recipe, self.backend.live_module())
+        elif swap == "named_tensors":  # vLLM: the engine's own loaders take the tensors, by name
             self.backend.update_weights(_finite_or_raise(list(self.merger.merged(recipe)), recipe))
-        else:  # transformers: written into the live module's parameters
-            self.merger.apply(recipe, self.backend.model)
+        else:  # check_backend refuses these before a search; a Worker built by hand gets one line
+            raise EvomergeError(f"backend {self.backend.name!r} takes no weights (weights: {swap}): "
+                                "it cannot score a merged candidate")
 
     def info(self) -> dict[str, Any]:
         return {"pid": self.pid}
 
     def close(self) -> None:
         """Stop what the backend runs besides this process (vLLM's engine process); idempotent."""
-        close = getattr(getattr(self, "backend", None), "close", None)
-        if close is not None:
-            close()
+        if self.backend is not None:
+            self.backend.close()
 
     def evaluate(self, recipe: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
@@ -127,11 +132,11 @@ def check_backend(backend: dict[str, Any]) -> None:
     that can score merged weights. A worker swaps each candidate's weights into its resident model
     (`Worker._swap_weights`); a backend that scores a model served elsewhere (openai) has no
     weights to swap, so every candidate would score the same served model."""
-    from evomerge.backends import BACKENDS
+    from evomerge.backends import backend_class
 
     name = backend.get("name", "hf")
-    engine = BACKENDS.get(name)  # an unknown name: did-you-mean
-    if not getattr(engine, "takes_weights", True):
+    engine = backend_class(name)  # an unknown name: did-you-mean
+    if engine.weights == "none":
         raise ConfigError(f"backend {name!r} scores the model served at its base_url and cannot take merged weights, "
                           "so it cannot score a search's candidates: use backend hf or vllm, or have the pool served "
                           "by `evomerge serve` (pool: {endpoint: URL}); score one served model with `evomerge eval`")
@@ -148,19 +153,23 @@ def check_backend(backend: dict[str, Any]) -> None:
 # ---- Ray: a private local cluster unless an address is given; every wait bounded ---------------
 
 
-def start_ray(address: str | None, num_cpus: int | None, timeout_s: float) -> None:
+_ray_thread_release: list[threading.Event] = []  # set by stop_ray: the init thread of the cluster we started may end
+
+
+def start_ray(address: str | None, num_cpus: int | None, timeout_s: float) -> bool:
     """Start a private local Ray cluster (address None), or join the one at `address`.
 
     An inherited RAY_ADDRESS is ignored (a search never joins someone else's cluster silently),
     and the local cluster keeps its files in a directory of this user's. ray.init runs in a helper
     thread: it blocks in C++ for minutes on an address that accepts connections but is no Ray, and
     Python runs signal handlers (Ctrl-C, SIGTERM) only in the main thread, which here just waits,
-    up to `timeout_s` (LOCAL_START_TIMEOUT_S for a local start). The thread then stays alive:
-    Ray's processes are tied to the thread that started them (PR_SET_PDEATHSIG)."""
+    up to `timeout_s` (LOCAL_START_TIMEOUT_S for a local start). The thread then stays alive until
+    `stop_ray`: Ray's processes are tied to the thread that started them (PR_SET_PDEATHSIG).
+    True when this call started a private local cluster (the caller then owns it: `stop_ray`)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     if address == "local":
         address = None
     if address:
@@ -168,7 +177,7 @@ def start_ray(address: str | None, num_cpus: int | None, timeout_s: float) -> No
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
     if not address:
         options.update(num_cpus=num_cpus, _temp_dir=os.environ.get("RAY_TMPDIR") or _private_ray_dir())
-    started, failures = threading.Event(), []
+    started, failures, release = threading.Event(), [], threading.Event()
     logging.getLogger("ray._private.worker").addFilter(_not_the_thread_warning)
 
     def init() -> None:
@@ -178,7 +187,7 @@ def start_ray(address: str | None, num_cpus: int | None, timeout_s: float) -> No
             failures.append(error)
         started.set()
         if not failures:
-            threading.Event().wait()
+            release.wait()
 
     # Ray's C++ core would take SIGTERM over while it starts (a stack dump, then an abort: exit -6)
     # before _reclaim_signals can give it back; without it, the CLI's clean stop works throughout.
@@ -201,6 +210,19 @@ def start_ray(address: str | None, num_cpus: int | None, timeout_s: float) -> No
         where = f"join the Ray cluster at {address}" if address else "start a local Ray cluster"
         raise EvomergeError(f"could not {where}: {first_line(failures[0])}") from None
     _reclaim_signals()
+    _ray_thread_release.append(release)
+    return address is None
+
+
+def stop_ray() -> None:
+    """Shut down the private local cluster `start_ray` started. The next search in this process
+    then starts its own, with its own CPU count and the environment as it is then (a RemoteWorker
+    reads its provider's token from its process's environment, never from a Ray argument)."""
+    import ray
+
+    ray.shutdown()
+    while _ray_thread_release:
+        _ray_thread_release.pop().set()
 
 
 def _not_the_thread_warning(record: logging.LogRecord) -> bool:

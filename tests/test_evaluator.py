@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from evomerge.backends import Backend
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.evaluator import cut_at_stop, evaluate, extract_regex, load_suite, suite_from_dict
 from tests.test_evaluator_zoo import make_records, write_jsonl
@@ -130,7 +131,7 @@ def test_stop_and_regex():
     assert extract_regex("nothing", r"(\d+)") == "[invalid]"
 
 
-class FakeBackend:
+class FakeBackend(Backend):
     """Deterministic backend: logprob -1 per char of continuation, -0.5 if it contains the answer 'x'."""
 
     name = "fake"
@@ -176,6 +177,42 @@ def test_evaluate_orients_and_weights_scores(tmp_path):
     scores = result.scores
     assert result.scalar == pytest.approx((scores["loss"] + 3 * scores["mc"] + scores["gen"]) / 5)
     assert json.loads(json.dumps(result.to_dict()))["scores"] == scores
+
+
+
+class _GenerateOnly(FakeBackend):
+    """Declares no log-likelihoods and no chat template (like a chat-only endpoint)."""
+
+    name = "generate-only"
+    loglikelihoods = False
+    chat_template = False
+
+    def __init__(self):
+        super().__init__()
+        self.generated: list[tuple[str, dict]] = []
+
+    def loglikelihood(self, requests):
+        raise AssertionError("evaluate asked a backend that declares no log-likelihoods for them")
+
+    def generate_until(self, requests):
+        self.generated.extend(requests)
+        return super().generate_until(requests)
+
+
+def test_evaluate_follows_what_the_backend_declares(data_dir):
+    """A loss task on a backend that declares no log-likelihoods is one line before any work; a
+    chat task on one without a chat template of its own is sent as chat (the endpoint renders it)."""
+    backend = _GenerateOnly()
+    suite = load_suite(write_suite(data_dir, [task("gen", output_type="generate_until", limit=2), task("loss")]))
+    with pytest.raises(ConfigError, match="task 'loss': output_type 'loss' needs log-likelihoods, which "
+                                          "backend 'generate-only' does not give"):
+        evaluate(suite, backend)
+    assert backend.generated == []  # refused before the generation task ran
+    chat = load_suite(write_suite(data_dir, [task("gen", output_type="generate_until", limit=2,
+                                                  apply_chat_template=True)]))
+    evaluate(chat, backend)
+    assert backend.generated and all(kwargs.get("chat") for _, kwargs in backend.generated)
+    assert all(context.endswith(" =") for context, _ in backend.generated)  # not rendered here
 
 
 def test_limit_and_fewshot_are_seeded(tmp_path):

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from evomerge.config import load_merge_config, open_pool
 from evomerge.errors import ConfigError, EvomergeError
-from evomerge.materialize import ResidentMerger, merge_state_dict, write_adapter_dir, write_model_dir
+from evomerge.materialize import ResidentMerger, check_recipe, merge_state_dict, write_adapter_dir, write_model_dir
 from evomerge.recipe import Recipe, recipe_to_mergekit
 from tests.synthetic import make_pool
 
@@ -299,3 +299,66 @@ def test_cli_merge_counts_the_experts_the_recipe_uses(full_pool, tmp_path):
     done = run_cli("merge", str(config), "-o", str(tmp_path / "out"))
     assert done.returncode == 0, done.stderr
     assert "merged 2 experts with ties" in done.stderr and "1 of the pool's 3 unused" in done.stderr
+
+
+# ---- check_recipe: every override validated before the merge ------------------------------------
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"layers": [1, 2], "experts": {"expert1": {"density": 1.5}}},
+     r"overrides\[1\]\.experts\.expert1\.density=1\.5 is outside \[0\.0, 1\.0\]"),
+    ({"modules": "mlp", "experts": {"nobody": {"weight": 0.5}}},
+     r"overrides\[1\]\.experts\.nobody: expert 'nobody' is not one of the recipe's experts"),
+    ({"modules": "attention", "parameters": {"lamda": 0.5}},
+     r"overrides\[1\]: unknown parameter 'lamda' for merge method 'ties'; did you mean 'lambda'"),
+    ({"layers": [0, 1], "parameters": {"lambda": float("nan")}}, r"overrides\[1\]: .*lambda must be finite"),
+])
+def test_check_recipe_refuses_a_bad_override_naming_its_index_and_key(full_pool, tmp_path, override, message):
+    """A bad value in an override that matches only some tensors (not the default plan) is refused
+    before any tensor is merged, naming the override and the key; nothing is written."""
+    _, pool = full_pool
+    fine = {"layers": [0, 1], "experts": {"expert0": {"density": 0.3}}}
+    bad = recipe("ties", densities=(0.5, 0.5, 0.5), overrides=[fine, override])
+    with pytest.raises(ConfigError, match=message) as raised:
+        check_recipe(bad, pool)
+    assert "\n" not in str(raised.value)
+    with pytest.raises(ConfigError, match=message):
+        write_model_dir(bad, pool, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_recipe_refuses_overrides_that_fail_only_combined(full_pool):
+    """Each override alone is fine; a tensor both match gets weights summing to 0 under linear's
+    normalize: refused up front, naming both overrides and the tensor."""
+    _, pool = full_pool
+    both = Recipe(method="linear", experts={"expert0": {"weight": 1.0}, "expert1": {"weight": 1.0}}, overrides=[
+        {"modules": "mlp", "experts": {"expert0": {"weight": 0.0}}},
+        {"layers": [1, 2], "experts": {"expert1": {"weight": 0.0}}}])
+    with pytest.raises(ConfigError, match=r"overrides\[0, 1\] combined on tensor model\.layers\.1\.mlp\..*sum to 0"):
+        check_recipe(both, pool)
+    check_recipe(both.model_copy(update={"overrides": both.overrides[:1]}), pool)  # each alone passes
+    check_recipe(both.model_copy(update={"overrides": both.overrides[1:]}), pool)
+
+
+def test_resident_merger_refuses_a_bad_override_before_writing_a_tensor(full_pool):
+    """A worker's in-place swap: the live model keeps its weights when an override is out of domain."""
+    spec, pool = full_pool
+    model = AutoModelForCausalLM.from_pretrained(spec["base"])
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    bad = recipe("ties", overrides=[{"layers": [1, 2], "experts": {"expert2": {"density": 1.5}}}])
+    with pytest.raises(ConfigError, match=r"overrides\[0\]\.experts\.expert2\.density"):
+        ResidentMerger(pool).apply(bad, model)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
+def test_cli_merge_refuses_a_bad_override_in_one_line(full_pool, tmp_path):
+    spec, _ = full_pool
+    bad = recipe("ties", overrides=[{"modules": "mlp", "experts": {"expert0": {"density": 1.5}}}])
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump({"pool": spec, "recipe": bad.model_dump(mode="json")}))
+    done = run_cli("merge", str(config), "-o", str(tmp_path / "out"))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().count("\n") == 0
+    assert "overrides[0].experts.expert0.density=1.5" in done.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,8 +1,10 @@
 """The transformers backend: one model + tokenizer held in memory, batched, CPU or CUDA.
 
-`backend.model` is the live torch module. Other code may change its weights in place between
-calls (`param.data.copy_(...)`, or `backend.update_weights(named_tensors)`); scoring again reuses
-the cached tokenization and padded batches of the suite, so a re-score runs only forward passes.
+`backend.model` is the live torch module (`weights = "module"`: a search's worker writes each
+candidate's merge straight into its parameters, `ResidentMerger.apply`). Other code may change its
+weights in place between calls (`param.data.copy_(...)`, or `backend.update_weights(named_tensors)`);
+scoring again reuses the cached tokenization and padded batches of the suite, so a re-score runs
+only forward passes.
 
     backend = HFBackend("zoo/base", device="cpu", batch_size=16)   # or build_backend("hf", model=...)
     backend.model            # torch.nn.Module, update it in place
@@ -20,7 +22,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from evomerge.backends import encode_pair
+from evomerge.backends import Backend, encode_pair
 from evomerge.errors import EvomergeError
 
 _PLAN_CACHE_SIZE = 8  # request lists whose padded batches are kept (one per task of a suite)
@@ -71,8 +73,11 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
-class HFBackend:
+class HFBackend(Backend):
     name = "hf"
+    weights = "module"  # the merge is written into `live_module()`'s parameters, no state-dict copy
+    loglikelihoods = True
+    chat_template = True
 
     def __init__(
         self,
@@ -126,6 +131,9 @@ class HFBackend:
         self._plans: OrderedDict[Any, list] = OrderedDict()
 
     # -- weights ------------------------------------------------------------------------------
+
+    def live_module(self) -> torch.nn.Module:
+        return self.model
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy tensors into the live model's parameters/buffers in place (no reload)."""

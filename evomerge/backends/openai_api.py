@@ -19,6 +19,7 @@ import os
 from typing import Any, Optional
 from urllib.parse import urlparse
 
+from evomerge.backends import Backend
 from evomerge.errors import EvomergeError, redact
 
 
@@ -65,11 +66,13 @@ def parse_echo_logprobs(choice: Any, context_chars: int, prompt_chars: int) -> t
     return total, count, greedy
 
 
-class OpenAIBackend:
+class OpenAIBackend(Backend):
     name = "openai"
     # It scores the model an endpoint serves: nothing can put a candidate's merged weights into it,
     # so a search refuses it up front (evomerge.worker.check_backend); `evomerge eval` scores it.
-    takes_weights = False
+    weights = "none"
+    loglikelihoods = True  # if the server echoes prompt logprobs: `check` asks it before any work
+    chat_template = False  # it holds no tokenizer; a chat task goes through chat.completions
 
     def __init__(
         self,

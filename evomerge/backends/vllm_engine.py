@@ -29,7 +29,7 @@ import importlib
 from types import SimpleNamespace
 from typing import Any, Iterable, Optional
 
-from evomerge.backends import encode_pair
+from evomerge.backends import Backend, encode_pair
 from evomerge.errors import EvomergeError
 
 # vLLM resolves this with `module.rsplit(".", 1)`: a dotted path, not `module:Class`
@@ -182,8 +182,13 @@ def engine_kwargs(model: Any, device: Optional[str], platform: str, engine_args:
     return kwargs
 
 
-class VLLMBackend:
+class VLLMBackend(Backend):
     name = "vllm"
+    # The engine's weights live in its own process (and in layouts of its own: fused qkv, repacked
+    # kernels): only its loaders can take them, by checkpoint name.
+    weights = "named_tensors"
+    loglikelihoods = True
+    chat_template = True
 
     def __init__(self, model: Any = None, *, llm: Any = None, add_bos_token: bool = True, batch_size: Any = None,
                  device: Optional[str] = None, **engine_args: Any):
