@@ -100,6 +100,7 @@ class Search:
             load_suite(config.suite)
         self._make_optimizer(self.space.stage(0), State(), n_objectives=1)
         self.workers: list[Any] = []
+        self._owns_ray = False  # True once start_ray started a private local cluster for this search
         self.busy: dict[Any, tuple[int, InFlight, float]] = {}  # ref -> (worker index, candidate, start)
 
     # ---- the public entry ---------------------------------------------------------------------
@@ -124,6 +125,14 @@ class Search:
                 raise
             finally:
                 self._stop_workers()
+                if self._owns_ray:  # a private cluster lives as long as its search
+                    self._owns_ray = False
+                    try:
+                        from evomerge.worker import stop_ray
+
+                        stop_ray()
+                    except Exception:  # noqa: BLE001 - best effort on the way out; the process may be ending
+                        pass
         finally:
             run.release_lock()
         return self.run
@@ -348,7 +357,8 @@ class Search:
         from evomerge.worker import start_ray
 
         workers = self.config.workers
-        start_ray(workers.ray_address, num_cpus=max(workers.count, _cores()), timeout_s=workers.connect_timeout_s)
+        if start_ray(workers.ray_address, num_cpus=max(workers.count, _cores()), timeout_s=workers.connect_timeout_s):
+            self._owns_ray = True
 
     def _start_workers(self) -> None:
         import ray
