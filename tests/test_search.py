@@ -65,7 +65,7 @@ def test_search_records_every_evaluation_and_the_front(tmp_path, pool_spec):
 def test_failed_candidates_are_recorded_not_fatal(tmp_path, pool_spec):
     config = load_search_config(write_config(tmp_path / "s.yaml", pool_spec, space="lorahub", budget=16,
                                              objective="tests.objectives:fails_on_negative",
-                                             optimizer={"type": "random"}))
+                                             optimizer={"type": "random"}, workers={"count": 1}))
     run = search(config, tmp_path / "run")
     evaluations = run.evaluations()
     failed = [e for e in evaluations if not e.ok]
