@@ -81,8 +81,9 @@ def merge(
         else:
             write_model_dir(recipe, pool, output, device=device, dtype=dtype,
                             on_tensor=lambda _name: progress.advance(task))
-    unused = len(pool.experts) - len(used)
-    note = f"; {unused} of the pool's {len(pool.experts)} unused (weight 0 or not in the recipe)" if unused else ""
+    unused = [name for name in pool.experts if name not in used]
+    note = (f"; {len(unused)} of the pool's {len(pool.experts)} unused (weight 0 or not in the recipe): "
+            f"{', '.join(unused)}" if unused else "")
     console.print(f"merged {len(used)} expert{'s' if len(used) != 1 else ''} with {recipe.method} into {output} "
                   f"({len(names)} tensors, {time.perf_counter() - started:.1f}s, recipe {recipe.id}{note})",
                   highlight=False)

@@ -124,6 +124,15 @@ class WorkersConfig(_Strict):
     max_attempts: int = Field(3, ge=1, description="runs of one candidate whose worker died before it is failed")
 
 
+def _resolve_suite(suite: str, relative_to: Path) -> str:
+    """A suite path made absolute against the config's directory; a bare name with no such file
+    there (`suite: zoo-loss`) stays a name, which `load_suite` finds among the shipped suites."""
+    path = relative_to / suite
+    if not path.exists() and "/" not in suite and not suite.endswith((".yaml", ".yml")):
+        return suite
+    return str(path.resolve())
+
+
 class SearchConfig(_Strict):
     """A run config. Paths are relative to the config file; `config.yaml` in the run dir holds them resolved."""
 
@@ -145,7 +154,7 @@ class SearchConfig(_Strict):
         """Paths made absolute, so the run dir's config.yaml works from anywhere."""
         updates: dict[str, Any] = {"pool": resolve_pool_spec(self.pool, relative_to, "pool")}
         if self.suite is not None:
-            updates["suite"] = str((relative_to / self.suite).resolve())
+            updates["suite"] = _resolve_suite(self.suite, relative_to)
         if isinstance(self.space, str) and self.space.endswith((".yaml", ".yml")):
             updates["space"] = str((relative_to / self.space).resolve())
         return self.model_copy(update=updates)

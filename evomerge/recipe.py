@@ -273,6 +273,8 @@ def recipe_from_mergekit(data: dict[str, Any], where: str = "mergekit config",
     if base is None:
         raise ConfigError(f"{where}: base_model is required (evomerge merges task vectors against a base)")
     layers = _LayerCount(str(base), slice_layers, relative_to or Path.cwd(), where)
+    if slice_layers is not None:
+        layers()  # a slice must cover the whole base: [0, 1] of a 2-layer model is layer stacking
     global_params = [data.get("parameters") or {}, slice_params]  # later wins, as in mergekit
     for params, label in zip(global_params, ("parameters", "slices[0].parameters")):
         if not isinstance(params, dict):

@@ -5,6 +5,7 @@ Everything here reads the run directory only, so it works while the search is li
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import yaml
@@ -132,6 +133,6 @@ def export_candidate(run: Run, pick: str, output: Path, device: str = "cpu", dty
         path = write_model_dir(recipe, pool, output, device=device, dtype=dtype)
     try:
         (path / "mergekit.yaml").write_text(yaml.safe_dump(recipe_to_mergekit(recipe, pool_spec), sort_keys=False))
-    except ConfigError:
-        pass  # mergekit cannot express this recipe (e.g. evo_merging's top-magnitude masks)
+    except ConfigError as why:  # mergekit cannot express this recipe (e.g. evo_merging's top-magnitude masks)
+        print(f"evomerge: no mergekit.yaml written: {str(why).split(': ', 1)[-1]}", file=sys.stderr)
     return path

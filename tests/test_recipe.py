@@ -300,3 +300,11 @@ def test_provider_error_that_echoes_the_token_is_redacted(echoing_server):
     with pytest.raises(ProviderError) as raised:
         request(echoing_server, "/v1/pool", "tok-0123456789", retries=1)
     assert "HTTP 400" in str(raised.value) and "tok-0123456789" not in str(raised.value)
+
+
+def test_a_partial_slice_is_refused_without_a_gradient_too(pool5, monkeypatch):
+    # scalar parameters read no layer count, and [0, 4] of a 5-layer base was merged as the whole model
+    data = {**SLERP, "merge_method": "linear", "parameters": {"weight": 0.5},
+            "slices": [{"sources": [{"model": "e0", "layer_range": [0, 4]}, {"model": "e1", "layer_range": [0, 4]}]}]}
+    with pytest.raises(ConfigError, match="slices\\[0\\] covers layers \\[0, 4\\) but the base has 5"):
+        mergekit(pool5, monkeypatch, data)

@@ -276,3 +276,16 @@ def test_multi_objective_nevergrad_gets_per_task_losses(tmp_path, pool_spec):
     assert len(run.evaluations()) == 12
     front = json.loads((run.path / "pareto.json").read_text())
     assert front["tasks"] == ["expert0", "expert1", "expert2"] and len(front["front"]) >= 2
+
+
+def test_a_shipped_suite_is_named_in_a_config(tmp_path, pool_spec):
+    # `suite: zoo-loss` was made into CONFIG_DIR/zoo-loss, which never exists, and refused
+    from evomerge.search import Search
+
+    path = write_config(tmp_path / "s.yaml", pool_spec, suite="zoo-loss")
+    config = load_search_config(path)
+    assert config.suite == "zoo-loss"
+    Search(config)  # loads the suite, among the other checks made before any long work
+    (tmp_path / "zoo-loss").mkdir()  # a directory of that name beside the config is a path, not a name
+    with pytest.raises(ConfigError, match="does not exist"):
+        Search(load_search_config(path))
