@@ -179,6 +179,9 @@ def start_ray(address: str | None, num_cpus: int | None, timeout_s: float) -> bo
         options.update(num_cpus=num_cpus, _temp_dir=os.environ.get("RAY_TMPDIR") or _private_ray_dir())
     started, failures, release = threading.Event(), [], threading.Event()
     logging.getLogger("ray._private.worker").addFilter(_not_the_thread_warning)
+    # Ray enables token authentication on the local cluster it starts, and says so on every start:
+    # that is the default we want, and the user's terminal gets one line per stop, not Ray's notes.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_not_the_auth_note)
 
     def init() -> None:
         try:
@@ -223,6 +226,10 @@ def stop_ray() -> None:
     ray.shutdown()
     while _ray_thread_release:
         _ray_thread_release.pop().set()
+
+
+def _not_the_auth_note(record: logging.LogRecord) -> bool:
+    return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
 
 
 def _not_the_thread_warning(record: logging.LogRecord) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -378,3 +379,14 @@ def test_an_openai_backend_search_against_a_real_server_is_refused_and_eval_scor
     scored = evomerge("eval", transformers_serve, "--suite", str(ROOT / "evaluators/zoo-generate.yaml"),
                       "--limit", "2", timeout=300)
     assert scored.returncode == 0, scored.stderr
+
+
+def test_a_finished_search_prints_its_summary_on_one_line_and_no_ray_notes(tmp_path, pool_spec):
+    # Ray announced token authentication on every start, and the summary wrapped at 80 columns in a log
+    run_dir = tmp_path / ("a-long-run-directory-name-" * 3)
+    done = evomerge("search", str(write_config(tmp_path / "s.yaml", pool_spec, budget=4, workers={"count": 1})),
+                    "--run-dir", str(run_dir))
+    assert done.returncode == 0, done.stderr
+    assert "Token authentication" not in done.stderr, done.stderr
+    assert re.search(rf"^{re.escape(str(run_dir))}: 4 evaluations, 0 failed, best objective .* \(candidate \d+\)$",
+                     done.stderr, re.MULTILINE), done.stderr
