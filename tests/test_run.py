@@ -221,6 +221,11 @@ def test_full_disk_is_one_line_and_a_resume_loses_nothing(tmp_path, reference, c
     run_dir = stopped_copy(reference, tmp_path / "run", keep=11)
     # the log may grow by 100 bytes, less than a record: the next append is cut short and fails,
     # like a disk that fills up (EFBIG from RLIMIT_FSIZE here; ENOSPC on a full disk, below)
+    from evomerge.worker import start_ray, stop_ray
+
+    # Ray starts before the limit (its own processes write more than 100 bytes); a search then uses
+    # the running cluster and leaves it to whoever started it
+    start_ray(None, num_cpus=2, timeout_s=60)
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, ((run_dir / EVALUATIONS).stat().st_size + 100, hard))
     try:
@@ -229,6 +234,7 @@ def test_full_disk_is_one_line_and_a_resume_loses_nothing(tmp_path, reference, c
             resume(run_dir)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        stop_ray()
     assert "\n" not in str(error.value)
     assert Run(run_dir).status()["state"] == "failed"
     resume(run_dir)  # space again: the torn record is cut off, its candidate runs again
