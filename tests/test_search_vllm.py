@@ -68,6 +68,15 @@ def engine_processes(run_dir: Path) -> list:
     return found
 
 
+def _is_engine(process) -> bool:
+    import psutil
+
+    try:
+        return "EngineCore" in " ".join(process.cmdline()) or "EngineCore" in process.name()
+    except psutil.Error:  # gone, or a zombie
+        return False
+
+
 def assert_gone(processes: list, timeout: float = 60.0) -> None:
     import psutil
 
@@ -79,8 +88,14 @@ def stop_midway(run_dir: Path, process: subprocess.Popen, how: int, after: int) 
     """Let the search score `after` candidates, then stop it with `how`; its engines must exit."""
     wait_for(lambda: count(run_dir) >= after or process.poll() is not None, 600, f"{after} evaluations")
     assert process.poll() is None, process.stderr.read()[-2000:]
+
+    def engines_up() -> list:  # status.json names this session's workers once they are up, and an
+        # engine process takes its title (VLLM::EngineCore) a moment after it is spawned
+        found = engine_processes(run_dir)
+        return found if any(_is_engine(p) for p in found) else []
+
+    wait_for(engines_up, 120, "this session's engine processes")
     engines = engine_processes(run_dir)
-    assert any("EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name() for p in engines), engines
     if how == signal.SIGKILL:
         os.killpg(process.pid, signal.SIGKILL)  # the driver's group: Ray's actors live in their own
     else:
