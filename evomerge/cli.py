@@ -400,7 +400,10 @@ def eval_command(
         engine = build_backend("hf", model=target, device=device, batch_size=batch_size)
     else:
         engine = build_backend(name, model=target, device=device)
-    result = evaluate(loaded, engine)
+    try:
+        result = evaluate(loaded, engine)
+    finally:  # an engine process (vllm) stopped here, not at interpreter exit, where it aborted (-6)
+        engine.close()
 
     table = Table(title=f"{suite} on {target} ({name})")
     for column in ("task", "type", "n", "weight", "metrics", "score", "seconds"):
