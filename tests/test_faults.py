@@ -28,6 +28,7 @@ from evomerge.search import search
 from tests.synthetic import make_pool
 from tests.test_evaluator import model_dir  # noqa: F401 - the shared session fixture
 from tests.test_evaluator_openai import transformers_serve  # noqa: F401 - a real OpenAI-compatible server
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,13 +91,6 @@ def _ray_noise(line: str) -> bool:
     return line.startswith("[20") or "Token authentication" in line or "SIGTERM handler is not set" in line
 
 
-def wait_for(predicate, timeout: float = 180.0, what: str = "") -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def raw_status(run_dir: Path) -> dict:

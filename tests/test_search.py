@@ -23,6 +23,7 @@ from evomerge.errors import ConfigError, EvomergeError
 from evomerge.run import Run
 from evomerge.search import resume, search
 from tests.synthetic import make_pool
+from tests.waiting import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -104,13 +105,6 @@ def start_search(config: Path, run_dir: Path, delay: float) -> subprocess.Popen:
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def wait_for(predicate, timeout: float = 120.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError("timed out waiting")
 
 
 def start_resume(run_dir: Path, delay: float) -> subprocess.Popen:
