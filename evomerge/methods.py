@@ -33,10 +33,7 @@ __all__ = [
     "METHODS",
     "get_method",
     "topmag",
-    "magnitude_prune",
-    "outlier_prune",
     "lowrank_lora_merge",
-    "dense_lora_delta",
     "EVOMERGE_ONLY_PARAMS",
 ]
 
@@ -240,6 +237,7 @@ def _topmag_kept(t: Tensor, density: float) -> _Kept:
 
 
 def _magnitude_kept(t: Tensor, density: float) -> _Kept:
+    """TIES trim as mergekit: keep max(1, int(density * numel)) largest |entries| (floor, not round)."""
     return _top_kept(t, density, lambda n: max(1, int(density * n)))
 
 
@@ -254,13 +252,11 @@ def topmag(t: Tensor, density: float) -> Tensor:
     return _topmag_kept(t, density).tensor(t)
 
 
-def magnitude_prune(t: Tensor, density: float) -> Tensor:
-    """TIES trim as mergekit: keep max(1, int(density * numel)) largest |entries| (floor, not round)."""
-    t = t.float()
-    return _magnitude_kept(t, density).tensor(t)
-
-
 def _outlier_kept(t: Tensor, density: float, gamma: float) -> _Kept:
+    """Model Breadcrumbs as mergekit 0.1.5: drop the int(gamma*n) largest |entries| and the smallest,
+    keeping int(density*n); when density + gamma > 1 fewer outliers are dropped. gamma = 0 keeps the
+    top int(density*n) (it does not zero the tensor, unlike the older mergekit slice bug). int(density*n)
+    may be 0 on a tiny tensor, which zeroes it, as in mergekit."""
     if density >= 1:
         return _Kept()
     n = t.numel()
@@ -270,15 +266,6 @@ def _outlier_kept(t: Tensor, density: float, gamma: float) -> _Kept:
     mask = torch.zeros(n, dtype=torch.bool, device=t.device)
     mask.index_fill_(0, order[n_bot : n_bot + keep], True)
     return _Kept(keep=mask.reshape(t.shape))
-
-
-def outlier_prune(t: Tensor, density: float, gamma: float) -> Tensor:
-    """Model Breadcrumbs as mergekit 0.1.5: drop the int(gamma*n) largest |entries| and the smallest,
-    keeping int(density*n); when density + gamma > 1 fewer outliers are dropped. gamma = 0 keeps the
-    top int(density*n) (it does not zero the tensor, unlike the older mergekit slice bug). int(density*n)
-    may be 0 on a tiny tensor, which zeroes it, as in mergekit."""
-    t = t.float()
-    return _outlier_kept(t, density, gamma).tensor(t)
 
 
 def _bernoulli_keep(t: Tensor, density: float, generator: torch.Generator) -> Tensor:
@@ -339,10 +326,6 @@ def _sparsify_kept(kind: str | None, t: Tensor, density: float, params: dict[str
     else:
         return _random_kept(t, density, params, generator, kind == "della", scratch)
     return _l1_kept(t, kept, scratch) if params.get("rescale") and density < 1 else kept
-
-
-def _sparsify(kind: str | None, t: Tensor, density: float, params: dict[str, Any], generator) -> Tensor:
-    return _sparsify_kept(kind, t, density, params, generator).tensor(t)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -497,25 +480,12 @@ def lowrank_lora_merge(
 ) -> tuple[Tensor, Tensor]:
     """A = sum_i w_i TopMag(A_i, d_i) (r, in); B = sum_i w_i B_i (out, r). delta W = B @ A times the
     LoRA scaling, which the caller folds in. This is the low-rank merge: B @ A holds cross terms
-    w_i w_j B_i A_j, so it differs from dense_lora_delta (the sum of the experts' own updates)."""
+    w_i w_j B_i A_j, so it differs from the dense merge sum_i w_i B_i TopMag(A_i, d_i) (the sum of the
+    experts' own updates, which materialize builds itself: `lora_merge: dense`)."""
     _check_lora(As, Bs, weights, densities)
     A = sum(w * topmag(a, rho) for a, w, rho in zip(As, weights, densities))
     B = sum(w * b.float() for b, w in zip(Bs, weights))
     return A, B
-
-
-def dense_lora_delta(
-    As: Sequence[Tensor],
-    Bs: Sequence[Tensor],
-    scalings: Sequence[float],
-    weights: Sequence[float],
-    densities: Sequence[float],
-) -> Tensor:
-    """sum_i w_i * s_i * B_i @ TopMag(A_i, d_i): each expert's own (sparsified) update, weighted."""
-    _check_lora(As, Bs, weights, densities)
-    if len(scalings) != len(As):
-        raise ConfigError(f"{len(scalings)} LoRA scalings for {len(As)} adapters")
-    return sum(w * s * (b.float() @ topmag(a, rho)) for a, b, s, w, rho in zip(As, Bs, scalings, weights, densities))
 
 
 def _check_lora(As, Bs, weights, densities) -> None:

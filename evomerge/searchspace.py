@@ -220,8 +220,6 @@ class SearchSpace:
         return Recipe(method=method.name, experts=experts, parameters=parameters, overrides=overrides,
                       seed=self.spec.seed if seed is None else seed, lora_merge=self.spec.lora_merge)
 
-    from_vector = to_recipe
-
     def to_vector(self, recipe) -> np.ndarray:
         """The genome of ``recipe`` (searched genes only). Exact for float genes; a recipe from
         another space maps to the nearest thing this space can express (see ``gene_value``)."""
@@ -280,17 +278,6 @@ class SearchSpace:
             else:
                 fixed[g.name] = g.init
         return SearchSpace(self.spec, self.experts, self.n_layers, self.where, _stage=(i, fixed))
-
-    # ---- display -------------------------------------------------------------------------------
-    def describe(self) -> str:
-        head = f"{self.where}" + (f" [{self.stage_name}]" if self.stage_name else "")
-        lines = [f"{head}: {self.dim} genes, method {'|'.join(self.methods)}, l1 {self.l1}"]
-        for g in self.genes:
-            state = f"fixed {self.fixed[g.name]:.4g}" if g.name in self.fixed else f"[{g.low:.4g}, {g.high:.4g}] from {g.init:.4g}"
-            lines.append(f"  {g.name:<36} {state}")
-        for name, value in self.constants.items():
-            lines.append(f"  {name:<36} constant {value}")
-        return "\n".join(lines)
 
     def __repr__(self) -> str:
         return f"SearchSpace({self.where!r}, dim={self.dim}, stage={self.stage_name})"

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from evomerge import methods as M
 from evomerge.errors import ConfigError, PoolError
-from evomerge.methods import METHODS, dense_lora_delta, get_method, lowrank_lora_merge, topmag
+from evomerge.methods import METHODS, get_method, lowrank_lora_merge, topmag
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mergekit"
 META = json.loads((FIXTURES / "cases.json").read_text())
@@ -20,6 +20,11 @@ TENSORS = load_file(str(FIXTURES / "cases.safetensors"))
 
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def sparsify(kind, t, density, params, generator):
+    """What the task-arithmetic family's sparsifier `kind` keeps of t, as the merge builds it."""
+    return M._sparsify_kept(kind, t, density, params, generator).tensor(t)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -79,16 +84,16 @@ def test_fixtures_cover_every_mergekit_method():
 
 def test_dare_keeps_density_and_l1_rescales():
     delta = torch.randn(200, 200, generator=gen(1))
-    kept = M._sparsify("random", delta, 0.3, {"rescale": True}, gen(2))
+    kept = sparsify("random", delta, 0.3, {"rescale": True}, gen(2))
     assert abs((kept != 0).float().mean().item() - 0.3) < 0.01
     assert kept.abs().sum().item() == pytest.approx(delta.abs().sum().item(), rel=1e-5)
-    unbiased = M._sparsify("random", delta, 0.3, {"rescale": True, "rescale_unbiased": True}, gen(2))
+    unbiased = sparsify("random", delta, 0.3, {"rescale": True, "rescale_unbiased": True}, gen(2))
     assert torch.allclose(unbiased, delta * (kept != 0) / 0.3)
 
 
 def test_della_keeps_density_and_prefers_large_entries():
     delta = torch.randn(100, 400, generator=gen(3))
-    kept = M._sparsify("della", delta, 0.5, {"rescale": False, "epsilon": 0.2}, gen(4))
+    kept = sparsify("della", delta, 0.5, {"rescale": False, "epsilon": 0.2}, gen(4))
     assert abs((kept != 0).float().mean().item() - 0.5) < 0.01
     big = delta.abs() > delta.abs().median(dim=1, keepdim=True).values
     assert (kept[big] != 0).float().mean() > 0.57 > 0.43 > (kept[~big] != 0).float().mean()
@@ -170,18 +175,22 @@ def test_breadcrumbs_gamma_zero_does_not_zero():
     assert set(out[out != 0].tolist()) == {-8.0, 7.0, -6.0, 5.0}
 
 
-def test_lowrank_vs_dense_lora():
+def test_lowrank_lora_merge_keeps_cross_terms():
     A1, A2 = torch.eye(2, 4), torch.eye(2, 4) * 2  # (r=2, in=4)
     B1, B2 = torch.ones(4, 2), -torch.ones(4, 2)  # (out=4, r=2)
     A, B = lowrank_lora_merge([A1, A2], [B1, B2], [0.5, 0.25], [1.0, 1.0])
     assert torch.equal(A, 0.5 * A1 + 0.25 * A2) and torch.equal(B, 0.5 * B1 + 0.25 * B2)
-    dense = dense_lora_delta([A1, A2], [B1, B2], [2.0, 2.0], [0.5, 0.25], [1.0, 1.0])
-    assert torch.allclose(dense, 2.0 * (0.5 * B1 @ A1 + 0.25 * B2 @ A2))  # = 0: the two cancel
+    # the dense merge (sum of the experts' own updates) cancels here; B @ A keeps the cross terms
+    dense = 0.5 * B1 @ A1 + 0.25 * B2 @ A2
     assert torch.allclose(dense, torch.zeros(4, 4)) and not torch.allclose(B @ A, torch.zeros(4, 4))
+    pairs = [(0.5, B1, A1), (0.25, B2, A2)]
+    assert torch.allclose(B @ A, sum(wi * wj * Bi @ Aj for wi, Bi, _ in pairs for wj, _, Aj in pairs))
     A, _ = lowrank_lora_merge([T[:2]], [torch.ones(4, 2)], [1.0], [0.25])  # only A is sparsified
     assert (A != 0).sum() == 2
     with pytest.raises(PoolError):
         lowrank_lora_merge([A1], [torch.ones(3, 3)], [1.0], [1.0])
+    with pytest.raises(ConfigError, match=r"density\[0\]=1.5"):
+        lowrank_lora_merge([A1], [B1], [1.0], [1.5])
 
 
 def test_consensus_k_rule():
@@ -282,7 +291,7 @@ def test_evomerge_only_flags_are_declared_and_off_by_default():
 def _stacked_reference(method, base, deltas, weights, densities, params, generator):
     """The task-arithmetic family written the direct way: stack, weight, elect, sum, normalize, scale."""
     fn, params = method.fn, method._globals(params)
-    sparse = [M._sparsify(fn.sparsify, d, rho, params, generator) for d, rho in zip(deltas, densities)]
+    sparse = [sparsify(fn.sparsify, d, rho, params, generator) for d, rho in zip(deltas, densities)]
     w = torch.tensor(weights).reshape(-1, *([1] * base.dim()))
     weighted = torch.stack(sparse) * w
     if fn.elect:
