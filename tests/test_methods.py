@@ -39,16 +39,16 @@ def _inputs(case):
 
 
 def _replayed_masks(case, deltas):
-    """The masks evomerge draws for this case (same order and calls as in its merge)."""
+    """The masks mergekit's rule draws for this case (the reference's, below: same order, same calls)."""
     g, eps = gen(case["seed"]), case["params"].get("epsilon", 0.15)
     masks = []
     for d, rho in zip(deltas, case["densities"]):
         if rho >= 1:
             masks.append(None)
         elif case["method"].startswith("della"):
-            masks.append(torch.bernoulli(M._della_probs(d, rho, eps), generator=g).reshape(d.shape))
+            masks.append(torch.bernoulli(ref_della_probs(d, rho, eps), generator=g).reshape(d.shape))
         else:
-            masks.append(M._bernoulli_keep(d, rho, g))
+            masks.append(ref_dare_mask(d, rho, g))
     return masks
 
 
@@ -285,28 +285,108 @@ def test_evomerge_only_flags_are_declared_and_off_by_default():
 
 
 # ------------------------------------------------------------------------------------------------
-# The streamed TIES family against the stacked formulation it replaced (bit for bit, up to 4 experts)
+# The streamed TIES family against a stacked reference (bit for bit, up to 4 experts)
+#
+# The reference shares no code with evomerge.methods: each sparsifier is written from its definition
+# (mergekit's code, the papers) and the family's structure from this table. Where a definition leaves
+# a choice to torch (which of equal magnitudes at the cut is kept, the Bernoulli stream), the reference
+# makes the call the methods' docs name: torch.topk's choice (for k > n/2, dropping the n-k smallest),
+# torch's ascending sort for breadcrumbs, one torch.bernoulli draw per expert in expert order.
+
+REF_FAMILY = {  # method: (sparsifier, TIES sign election)
+    "task_arithmetic": (None, False), "ties": ("magnitude", True),
+    "dare_linear": ("random", False), "dare_ties": ("random", True),
+    "breadcrumbs": ("outliers", False), "breadcrumbs_ties": ("outliers", True),
+    "della": ("della", True), "della_linear": ("della", False),
+}
+
+
+def ref_dare_mask(t, density, generator):
+    """DARE/mergekit: keep each entry with probability density (float 0/1)."""
+    return torch.bernoulli(torch.full_like(t, density, dtype=torch.float32), generator=generator)
+
+
+def ref_della_probs(t, density, epsilon):
+    """DELLA: p = density - eps + 2 eps * (rank - 1)/(n - 1), ranks 1..n of |t| along each row (dim 1;
+    a 1-D tensor is one row); a row of one entry gets p = density."""
+    rows = t.reshape(1, -1) if t.dim() < 2 else t
+    n = rows.shape[1]
+    order = torch.argsort(rows.abs(), dim=1)
+    counting = torch.arange(1.0, n + 1).reshape(1, n, *([1] * (rows.dim() - 2))).expand_as(rows).contiguous()
+    ranks = torch.empty_like(rows).scatter_(1, order, counting)
+    rank_norm = (ranks - 1) / (n - 1) if n > 1 else torch.full_like(rows, 0.5)
+    return (density - epsilon) + rank_norm * 2 * epsilon
+
+
+def ref_keep_largest(t, k):
+    flat = t.abs().reshape(-1)
+    n = flat.numel()
+    if 2 * k <= n:
+        mask = torch.zeros(n)
+        mask[torch.topk(flat, k, sorted=False).indices] = 1.0
+    else:
+        mask = torch.ones(n)
+        mask[torch.topk(flat, n - k, largest=False, sorted=False).indices] = 0.0
+    return mask.reshape(t.shape)
+
+
+def ref_l1_rescaled(t, kept):
+    """mergekit's rescale: the kept part scaled to the L1 norm of t (unless either is ~0)."""
+    before, after = t.abs().sum(), kept.abs().sum()
+    return kept if before < 1e-7 or after < 1e-7 else kept * (before / after)
+
+
+def ref_sparsify(kind, t, density, params, generator):
+    n = t.numel()
+    if kind is None or density >= 1:
+        return t
+    if kind == "magnitude":  # TIES trim: the max(1, int(density * n)) largest |entries|
+        kept = torch.zeros_like(t) if density <= 0 else ref_keep_largest(t, max(1, int(density * n))) * t
+    elif kind == "outliers":  # breadcrumbs: int(density * n) kept above the int(gamma * n) largest
+        keep = int(density * n)
+        bottom = max(0, n - keep - int(params["gamma"] * n))
+        mask = torch.zeros(n)
+        mask[torch.argsort(t.abs().reshape(-1))[bottom:bottom + keep]] = 1.0
+        kept = mask.reshape(t.shape) * t
+    else:
+        if kind == "della" and density <= 0:
+            return torch.zeros_like(t)
+        if kind == "della":
+            probs = ref_della_probs(t, density, params["epsilon"])
+            mask = torch.bernoulli(probs, generator=generator).reshape(t.shape)
+            probs = probs.reshape(t.shape)
+        else:
+            mask, probs = ref_dare_mask(t, density, generator), torch.full_like(t, density)
+        if params.get("rescale_unbiased"):
+            return mask * t / probs
+        return ref_l1_rescaled(t, mask * t) if params["rescale"] else mask * t
+    return ref_l1_rescaled(t, kept) if params.get("rescale") else kept
 
 
 def _stacked_reference(method, base, deltas, weights, densities, params, generator):
     """The task-arithmetic family written the direct way: stack, weight, elect, sum, normalize, scale."""
-    fn, params = method.fn, method._globals(params)
-    sparse = [sparsify(fn.sparsify, d, rho, params, generator) for d, rho in zip(deltas, densities)]
+    kind, elect = REF_FAMILY[method.name]
+    params = {**{p.name: p.default for p in method.parameters if not p.per_expert}, **params}
+    sparse = [ref_sparsify(kind, d, rho, params, generator) for d, rho in zip(deltas, densities)]
     w = torch.tensor(weights).reshape(-1, *([1] * base.dim()))
     weighted = torch.stack(sparse) * w
-    if fn.elect:
-        mask = (weighted.sign() == torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0)).float()
-        mixed = (weighted * mask).sum(dim=0)
-        divisor = M._divisor((w * mask).sum(dim=0), (w.abs() * mask).sum(dim=0), params)
+    if elect:  # sign by mass ("sum"); zeros have no sign; divide by the kept experts' weights
+        agree = (weighted.sign() == torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0)).float()
+        mixed = (weighted * agree).sum(dim=0)
+        signed, absolute, tol = (w * agree).sum(dim=0), (w.abs() * agree).sum(dim=0), 0.0
     else:
         mixed = weighted.sum(dim=0)
-        divisor = M._divisor(w.sum(dim=0), w.abs().sum(dim=0), params, tol=1e-8)
-    return base + (mixed if divisor is None else mixed / divisor) * params["lambda"]
+        signed, absolute, tol = w.sum(dim=0), w.abs().sum(dim=0), 1e-8
+    if params["normalize_abs"]:
+        mixed = mixed / torch.where(absolute == 0, 1.0, absolute)
+    elif params["normalize"]:
+        mixed = mixed / torch.where(signed.abs() <= tol, 1.0, signed)
+    return base + mixed * params["lambda"]
 
 
 STREAMED_CASES = [
     ("task_arithmetic", {"normalize": True}), ("ties", {}), ("ties", {"normalize_abs": True, "lambda": 0.5}),
-    ("dare_linear", {}), ("dare_ties", {"rescale_unbiased": True}), ("dare_ties", {"normalize": True}),
+    ("ties", {"rescale": True}), ("dare_linear", {}), ("dare_linear", {"rescale": False}), ("dare_ties", {"rescale_unbiased": True}), ("dare_ties", {"normalize": True}),
     ("breadcrumbs", {"gamma": 0.1}), ("breadcrumbs_ties", {"normalize": True}),
     ("della", {"epsilon": 0.1}), ("della_linear", {"epsilon": 0.1, "rescale_unbiased": True}),
 ]
