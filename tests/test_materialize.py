@@ -231,17 +231,22 @@ def test_mergekit_out_dtype_is_the_output_dtype(tmp_path):
     assert r.dtype == "bfloat16"
 
 
-def test_resident_evo_merging_reuses_masks_when_densities_repeat(full_pool):
-    """Evo-Merging's stage 2 keeps densities fixed: the memoized TopMag must merge the same tensors."""
+def test_resident_evo_merging_memo_follows_the_densities(full_pool):
+    """Evo-Merging's stage 2 keeps densities fixed, so the resident source memoizes TopMag; every
+    re-merge must still equal a fresh merge: the same densities again, then one expert's density
+    changed (its memo is stale), then another's, then back to the first densities."""
     spec, pool = full_pool
     model = AutoModelForCausalLM.from_pretrained(spec["base"])
     merger = ResidentMerger(pool)
-    for weights in [(0.5, -0.3, 0.8), (1.2, 0.1, -0.7), (0.5, -0.3, 0.8)]:
-        r = recipe("evo_merging", weights=weights, densities=(0.6, 0.3, 0.9))
+    steps = [((0.5, -0.3, 0.8), (0.6, 0.3, 0.9)), ((1.2, 0.1, -0.7), (0.6, 0.3, 0.9)),
+             ((1.2, 0.1, -0.7), (0.6, 0.8, 0.9)), ((0.5, -0.3, 0.8), (0.2, 0.8, 0.9)),
+             ((0.5, -0.3, 0.8), (0.6, 0.3, 0.9))]
+    for weights, densities in steps:
+        r = recipe("evo_merging", weights=weights, densities=densities)
         merger.apply(r, model)
         live = model.state_dict()
         for name, tensor in merge_state_dict(r, pool).items():
-            assert torch.equal(live[name], tensor), name
+            assert torch.equal(live[name], tensor), (densities, name)
 
 
 def save_tokenizer(path: Path) -> None:
