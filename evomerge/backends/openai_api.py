@@ -31,8 +31,8 @@ def normalize_base_url(url: str) -> str:
     return url
 
 
-def parse_echo_logprobs(choice: Any, context_chars: int, prompt_chars: int) -> tuple[float, int, bool]:
-    """(sum logprob, n tokens, greedy) of the prompt tokens in [context_chars, prompt_chars).
+def parse_echo_logprobs(choice: Any, prompt: str, context_chars: int) -> tuple[float, int, bool]:
+    """(sum logprob, n tokens, greedy) of the tokens of `prompt[context_chars:]`.
 
     `choice` is a completions choice from a request with echo=True and logprobs >= 1: its
     `logprobs` holds tokens, token_logprobs, top_logprobs and text_offset over prompt + output.
@@ -46,6 +46,8 @@ def parse_echo_logprobs(choice: Any, context_chars: int, prompt_chars: int) -> t
             " multiple_choice tasks need a server that supports them (vLLM, llama.cpp server);"
             " generate_until tasks work without"
         )
+    start = prompt_start(logprobs.tokens or [], offsets, prompt)
+    context_chars, prompt_chars = start + context_chars, start + len(prompt)
     tokens = logprobs.tokens or []
     tops = logprobs.top_logprobs or [None] * len(tokens)
     total, count, greedy = 0.0, 0, True
@@ -64,6 +66,16 @@ def parse_echo_logprobs(choice: Any, context_chars: int, prompt_chars: int) -> t
     if count == 0:
         raise EvomergeError("the endpoint's echoed tokens do not cover the continuation (text_offset)")
     return total, count, greedy
+
+
+def prompt_start(tokens: list[str], offsets: list[int], prompt: str) -> int:
+    """Where the prompt begins in the text the offsets count: vLLM counts the tokens it adds
+    before the prompt (a BOS `<s>`: the prompt's first character is at offset 3), others do not."""
+    joined = "".join(tokens)
+    for offset in offsets:
+        if joined.startswith(prompt, offset):
+            return offset
+    return 0  # tokens that do not spell the prompt (a byte-level vocabulary): trust the offsets
 
 
 class OpenAIBackend(Backend):
@@ -99,6 +111,7 @@ class OpenAIBackend(Backend):
         self.seed = seed
         self.model = model
         self._echo_checked = False
+        self.loglikelihood_concurrency = self.concurrency  # see preflight: 1 against a LoRA server
         if preflight:
             self.model = self.preflight()
 
@@ -134,13 +147,20 @@ class OpenAIBackend(Backend):
             base_url=self.base_url, api_key=self._api_key(), max_retries=1, timeout=min(self.timeout, 15.0)
         )
         try:
-            ids = [m.id for m in client.models.list()]
+            models = list(client.models.list())
         except openai.NotFoundError:
-            ids = []  # no /models route: trust the given name
+            models = []  # no /models route: trust the given name
         except Exception as error:  # noqa: BLE001 - turned into one line
             raise self._error(error) from None
         finally:
             client.close()
+        ids = [m.id for m in models]
+        if any((m.model_extra or {}).get("parent") for m in models):
+            # a vLLM server with --enable-lora (its adapters list their base as `parent`): vLLM 0.32
+            # computes prompt logprobs with one LoRA index per request, not per token, and a batch
+            # of several echo requests kills its engine (vllm-project/vllm#16668). One at a time,
+            # the index broadcasts over the prompt's tokens and the numbers are right.
+            self.loglikelihood_concurrency = 1
         if self.model is None:
             if not ids:
                 raise EvomergeError(f"endpoint {self.base_url} lists no models; name one with --model")
@@ -161,14 +181,14 @@ class OpenAIBackend(Backend):
 
     # -- async plumbing -----------------------------------------------------------------------
 
-    def _run(self, make_calls):
+    def _run(self, make_calls, concurrency: Optional[int] = None):
         import openai
 
         async def main():
             client = openai.AsyncOpenAI(
                 base_url=self.base_url, api_key=self._api_key(), max_retries=self.max_retries, timeout=self.timeout
             )
-            semaphore = asyncio.Semaphore(self.concurrency)
+            semaphore = asyncio.Semaphore(concurrency or self.concurrency)
 
             async def bounded(call):
                 async with semaphore:
@@ -203,11 +223,11 @@ class OpenAIBackend(Backend):
                     max_tokens=self.echo_max_tokens,
                     **self._common(),
                 )
-                return parse_echo_logprobs(response.choices[0], len(stripped), len(prompt))
+                return parse_echo_logprobs(response.choices[0], prompt, len(stripped))
 
             return run
 
-        return list(self._run([call(c, x) for c, x in requests]))
+        return list(self._run([call(c, x) for c, x in requests], self.loglikelihood_concurrency))
 
     def generate_until(self, requests: list[tuple[str, dict]]) -> list[str]:
         from evomerge.evaluator import cut_at_stop
