@@ -36,79 +36,94 @@ def write_config(path: Path, pool: Path, space, budget: int) -> Path:
     return path
 
 
-def cli(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+MARK = "EVOMERGE_TEST_RUN"  # inherited by everything a CLI call starts: Ray, its workers, their engines
+
+
+def cli(run_dir: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), MARK: str(run_dir)}
     return subprocess.Popen([sys.executable, "-m", "evomerge.cli", *args], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
 
 
 def count(run_dir: Path) -> int:
     return len(Run(run_dir).evaluations()) if (run_dir / "evaluations.jsonl").exists() else 0
 
 
-def engine_processes(run_dir: Path) -> list:
-    """The processes under the run's Ray workers: vLLM's EngineCore and its worker, per engine."""
+def started_by(run_dir: Path) -> list:
+    """Every live process the run's CLI calls started (the driver, Ray's, vLLM's), found by the mark
+    in its environment: after a kill -9 they are no one's children, so a process tree cannot say."""
     import psutil
 
     found = []
-    for pid in Run(run_dir).status().get("workers") or []:
+    for process in psutil.process_iter():
         try:
-            found += psutil.Process(pid).children(recursive=True)
-        except psutil.NoSuchProcess:
+            if process.environ().get(MARK) == str(run_dir) and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except psutil.Error:  # gone, or not ours to read
             pass
     return found
 
 
-def _is_engine(process) -> bool:
+def engines(run_dir: Path) -> list:
+    """vLLM's engine processes (EngineCore; each has a worker process of its own) among them."""
     import psutil
 
+    def is_engine(process) -> bool:
+        try:
+            return "EngineCore" in " ".join(process.cmdline())
+        except psutil.Error:
+            return False
+
+    return [p for p in started_by(run_dir) if is_engine(p)]
+
+
+def describe(processes: list) -> str:
+    import psutil
+
+    lines = []
+    for process in processes:
+        try:
+            lines.append(f"{process.pid} {' '.join(process.cmdline())[:90]}")
+        except psutil.Error:
+            pass
+    return "; ".join(lines) or "none"
+
+
+def assert_all_gone(run_dir: Path, timeout: float = 60.0) -> None:
+    """Nothing the run started outlives it: no engine, no Ray process, no driver."""
     try:
-        return "EngineCore" in " ".join(process.cmdline()) or "EngineCore" in process.name()
-    except psutil.Error:  # gone, or a zombie
-        return False
-
-
-def assert_gone(processes: list, timeout: float = 60.0) -> None:
-    import psutil
-
-    wait_for(lambda: not [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
-             timeout, f"engine processes {[p.pid for p in processes]} to exit")
+        wait_for(lambda: not started_by(run_dir), timeout, "the run's processes to exit")
+    except AssertionError as error:
+        raise AssertionError(f"{error}; left: {describe(started_by(run_dir))}") from None
 
 
 def stop_midway(run_dir: Path, process: subprocess.Popen, how: int, after: int) -> None:
-    """Let the search score `after` candidates, then stop it with `how`; its engines must exit."""
+    """Let the search score `after` candidates with its engine up, then stop it with `how`: every
+    process it started (engines included) must exit."""
     wait_for(lambda: count(run_dir) >= after or process.poll() is not None, 600, f"{after} evaluations")
     assert process.poll() is None, process.stderr.read()[-2000:]
-
-    def engines_up() -> list:  # status.json names this session's workers once they are up, and an
-        # engine process takes its title (VLLM::EngineCore) a moment after it is spawned
-        found = engine_processes(run_dir)
-        return found if any(_is_engine(p) for p in found) else []
-
-    wait_for(engines_up, 120, "this session's engine processes")
-    engines = engine_processes(run_dir)
+    try:  # an engine takes its title (VLLM::EngineCore) a moment after it is spawned
+        wait_for(lambda: engines(run_dir), 30, "an engine process")
+    except AssertionError as error:
+        raise AssertionError(f"{error} while scoring; the run's processes: {describe(started_by(run_dir))}") from None
     if how == signal.SIGKILL:
         os.killpg(process.pid, signal.SIGKILL)  # the driver's group: Ray's actors live in their own
     else:
         process.send_signal(how)
     process.wait(timeout=120)
-    assert_gone(engines)
+    assert_all_gone(run_dir)
 
 
 def finish(run_dir: Path) -> None:
-    process = cli("resume", str(run_dir))
-    wait_for(lambda: process.poll() is not None or engine_processes(run_dir), 600, "the resumed engine")
-    engines = engine_processes(run_dir)
+    process = cli(run_dir, "resume", str(run_dir))
     assert process.wait(timeout=900) == 0, process.stderr.read()[-3000:]
-    assert_gone(engines)
+    assert_all_gone(run_dir)
 
 
 def test_full_pool_search_survives_kill_9_and_scores_as_hf(vllm_zoo, tmp_path):  # noqa: F811
     run_dir = tmp_path / "run"
     config = write_config(tmp_path / "s.yaml", vllm_zoo / "pool-full.yaml", "evo-merging", budget=12)
-    stop_midway(run_dir, cli("search", str(config), "--run-dir", str(run_dir)), signal.SIGKILL, after=3)
+    stop_midway(run_dir, cli(run_dir, "search", str(config), "--run-dir", str(run_dir)), signal.SIGKILL, after=3)
     before = {e.id: e.genome for e in Run(run_dir).evaluations()}
     finish(run_dir)
 
@@ -130,9 +145,9 @@ def test_lora_pool_search_stops_cleanly_on_sigterm_and_ctrl_c(vllm_zoo, tmp_path
     run_dir = tmp_path / "run"
     space = {"preset": "evo-merging", "lora_merge": "lowrank"}
     config = write_config(tmp_path / "s.yaml", vllm_zoo / "pool-lora.yaml", space, budget=12)
-    stop_midway(run_dir, cli("search", str(config), "--run-dir", str(run_dir)), signal.SIGTERM, after=2)
+    stop_midway(run_dir, cli(run_dir, "search", str(config), "--run-dir", str(run_dir)), signal.SIGTERM, after=2)
     assert Run(run_dir).status()["state"] == "stopped"
-    stop_midway(run_dir, cli("resume", str(run_dir)), signal.SIGINT, after=count(run_dir) + 2)
+    stop_midway(run_dir, cli(run_dir, "resume", str(run_dir)), signal.SIGINT, after=count(run_dir) + 2)
     assert Run(run_dir).status()["state"] == "stopped"
     finish(run_dir)
     evaluations = Run(run_dir).evaluations()
