@@ -138,9 +138,12 @@ def search(
         _note_ignored_ray_address(loaded.workers.ray_address)
         prepared = Search(loaded)  # checks pool, space, suite and optimizer before anything is written
         prepared.start_ray()  # and a Ray address that does not answer (bounded)
-        run = Run.create(run_dir, loaded.model_dump(mode="json"))
-        with _search_progress(run_dir, loaded.budget) as progress:
-            prepared.execute(run, progress=progress)
+        try:
+            run = Run.create(run_dir, loaded.model_dump(mode="json"))
+            with _search_progress(run_dir, loaded.budget) as progress:
+                prepared.execute(run, progress=progress)
+        finally:
+            prepared.stop_ray()
     _print_summary(run)
 
 

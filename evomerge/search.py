@@ -125,14 +125,7 @@ class Search:
                 raise
             finally:
                 self._stop_workers()
-                if self._owns_ray:  # a private cluster lives as long as its search
-                    self._owns_ray = False
-                    try:
-                        from evomerge.worker import stop_ray
-
-                        stop_ray()
-                    except Exception:  # noqa: BLE001 - best effort on the way out; the process may be ending
-                        pass
+                self.stop_ray()
         finally:
             run.release_lock()
         return self.run
@@ -360,12 +353,26 @@ class Search:
         if start_ray(workers.ray_address, num_cpus=max(workers.count, _cores()), timeout_s=workers.connect_timeout_s):
             self._owns_ray = True
 
+    def stop_ray(self) -> None:
+        """Shut down the private cluster this search started, if it did: it lives as long as its
+        search, also when the search fails before `execute` (a run dir that exists). A cluster left
+        behind would be joined by the next search in this process, with the environment of then."""
+        if not self._owns_ray:
+            return
+        self._owns_ray = False
+        try:
+            from evomerge.worker import stop_ray
+
+            stop_ray()
+        except Exception:  # noqa: BLE001 - best effort on the way out; the process may be ending
+            pass
+
     def _start_workers(self) -> None:
+        self.start_ray()  # first: it sets what Ray reads when it is imported
         import ray
 
         from evomerge.worker import first_line
 
-        self.start_ray()
         self._check_resources()
         self._early_failures: list[str] = []  # reasons of this session's first results (see _stop_if_broken)
         workers = self.config.workers
@@ -547,7 +554,10 @@ def _device_for(device: str) -> str:
 def search(config: SearchConfig, run_dir: Path, progress: Any = None) -> Run:
     prepared = Search(config)  # a bad config fails here, before the run dir exists
     prepared.start_ray()  # and so does a Ray address that does not answer
-    return prepared.execute(Run.create(run_dir, config.model_dump(mode="json")), progress)
+    try:
+        return prepared.execute(Run.create(run_dir, config.model_dump(mode="json")), progress)
+    finally:
+        prepared.stop_ray()
 
 
 def open_for_resume(run_dir: Path) -> tuple[Run, Search]:

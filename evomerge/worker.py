@@ -166,6 +166,10 @@ def start_ray(address: str | None, num_cpus: int | None, timeout_s: float) -> bo
     up to `timeout_s` (LOCAL_START_TIMEOUT_S for a local start). The thread then stays alive until
     `stop_ray`: Ray's processes are tied to the thread that started them (PR_SET_PDEATHSIG).
     True when this call started a private local cluster (the caller then owns it: `stop_ray`)."""
+    # Ray's C++ core would take SIGTERM over while it starts (a stack dump, then an abort: exit -6)
+    # before _reclaim_signals can give it back; without it, the CLI's clean stop works throughout.
+    # Ray reads this when it is first imported (ray_constants), so it is set before that.
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     import ray
 
     if ray.is_initialized():
@@ -192,9 +196,6 @@ def start_ray(address: str | None, num_cpus: int | None, timeout_s: float) -> bo
         if not failures:
             release.wait()
 
-    # Ray's C++ core would take SIGTERM over while it starts (a stack dump, then an abort: exit -6)
-    # before _reclaim_signals can give it back; without it, the CLI's clean stop works throughout.
-    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     inherited = os.environ.pop(RAY_ADDRESS_ENV, None) if address is None else None
     try:
         threading.Thread(target=init, name="evomerge-ray-init", daemon=True).start()

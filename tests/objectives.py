@@ -38,3 +38,11 @@ def sleeps(recipe: Recipe) -> dict[str, float]:
     """Like quadratic, after 3 s: longer than a test's candidate timeout."""
     time.sleep(3.0)
     return quadratic(recipe)
+
+
+def needs_environment(recipe: Recipe) -> dict[str, float]:
+    """Like quadratic, in a worker that sees EVOMERGE_TEST_SEEN_BY_WORKERS (the environment of the
+    search that started its cluster: a cluster left from an earlier search would not have it)."""
+    if not os.environ.get("EVOMERGE_TEST_SEEN_BY_WORKERS"):
+        raise RuntimeError("EVOMERGE_TEST_SEEN_BY_WORKERS is not set in this worker")
+    return quadratic(recipe)

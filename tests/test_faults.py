@@ -384,3 +384,19 @@ def test_a_finished_search_prints_its_summary_on_one_line_and_no_ray_notes(tmp_p
     assert "Token authentication" not in done.stderr, done.stderr
     assert re.search(rf"^{re.escape(str(run_dir))}: 4 evaluations, 0 failed, best objective .* \(candidate \d+\)$",
                      done.stderr, re.MULTILINE), done.stderr
+
+
+def test_a_search_refused_after_ray_started_leaves_no_cluster_for_the_next_one(tmp_path, pool_spec, monkeypatch):
+    """`search()` starts Ray before it makes the run dir; a refusal there (a run dir that holds a
+    run) must shut the private cluster down, or the next search in the process joins it with the
+    environment of then (a provider token set since would be missing in its actors)."""
+    import ray
+
+    config = load_search_config(write_config(tmp_path / "s.yaml", pool_spec, budget=4))
+    search(config, tmp_path / "run")
+    with pytest.raises(EvomergeError, match="already holds a run"):
+        search(config, tmp_path / "run")
+    assert not ray.is_initialized()
+    monkeypatch.setenv("EVOMERGE_TEST_SEEN_BY_WORKERS", "set after the refused search")
+    run = search(config.model_copy(update={"objective": "tests.objectives:needs_environment"}), tmp_path / "next")
+    assert all(e.ok for e in run.evaluations())
