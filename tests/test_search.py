@@ -262,14 +262,28 @@ def test_timed_out_candidate_is_failed_and_its_worker_replaced(tmp_path, pool_sp
     assert all(not e.ok and e.reason.startswith("timeout after") for e in evaluations)
 
 
-def test_multi_objective_nevergrad_gets_per_task_losses(tmp_path, pool_spec):
+def test_multi_objective_nevergrad_gets_per_task_losses(tmp_path, pool_spec, monkeypatch):
+    from evomerge.optimizers.base import Optimizer
+
+    told = {}  # candidate id -> the loss the optimizer was told
+    tell = Optimizer.tell
+
+    def recording_tell(self, results):
+        told.update((cid, loss) for cid, loss in results)
+        return tell(self, results)
+
+    monkeypatch.setattr(Optimizer, "tell", recording_tell)
     config = load_search_config(write_config(tmp_path / "s.yaml", pool_spec, budget=12, space="lorahub",
                                              multi_objective=True,
                                              optimizer={"type": "nevergrad", "name": "DE"}))
     run = search(config, tmp_path / "run")
-    assert len(run.evaluations()) == 12
+    evaluations = run.evaluations()
+    assert len(evaluations) == 12 and {e.stage for e in evaluations} == {0} and all(e.ok for e in evaluations)
+    tasks = ["expert0", "expert1", "expert2"]
+    # each candidate's loss is its list of per-task losses (not the scalar objective)
+    assert {e.id: [-e.scores[t] for t in tasks] for e in evaluations} == told
     front = json.loads((run.path / "pareto.json").read_text())
-    assert front["tasks"] == ["expert0", "expert1", "expert2"] and len(front["front"]) >= 2
+    assert front["tasks"] == tasks and len(front["front"]) >= 2
 
 
 def test_a_shipped_suite_is_named_in_a_config(tmp_path, pool_spec):
