@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from evomerge import methods as M
 from evomerge.errors import ConfigError, PoolError
 from evomerge.methods import METHODS, get_method, lowrank_lora_merge, topmag
+from evomerge.methods.sparsify import _magnitude_kept, _sparsify_kept
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mergekit"
 META = json.loads((FIXTURES / "cases.json").read_text())
@@ -24,7 +25,7 @@ def gen(seed: int = 0) -> torch.Generator:
 
 def sparsify(kind, t, density, params, generator):
     """What the task-arithmetic family's sparsifier `kind` keeps of t, as the merge builds it."""
-    return M._sparsify_kept(kind, t, density, params, generator).tensor(t)
+    return _sparsify_kept(kind, t, density, params, generator).tensor(t)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -413,10 +414,10 @@ def test_streamed_merge_equals_stacked_reference_bitwise(name, params, n_experts
 
 
 def test_sparsifier_masks_are_bool_and_exact():
-    kept = M._magnitude_kept(T, 0.5)
+    kept = _magnitude_kept(T, 0.5)
     assert kept.keep.dtype == torch.bool and int(kept.keep.sum()) == 8
     assert torch.equal(kept.tensor(T), T * kept.keep)
-    assert M._magnitude_kept(T, 0.0).zero and M._magnitude_kept(T, 1.0).keep is None
+    assert _magnitude_kept(T, 0.0).zero and _magnitude_kept(T, 1.0).keep is None
 
 
 # ------------------------------------------------------------------------------------------------
