@@ -263,6 +263,8 @@ def test_failed_candidates_rank_last():
     ng_opt = make_optimizer("nevergrad", **problem(), name="OnePlusOne", num_workers=2)
     c = ng_opt.ask(2)
     ng_opt.tell([(c[0].id, float("nan")), (c[1].id, 3.0)])
+    assert ng_opt.best[0] == c[1].id  # and nevergrad itself was told the failure as the worse point:
+    np.testing.assert_array_equal(ng_opt.opt.provide_recommendation().value, c[1].x)
 
 
 def test_cmaes_survives_flat_generations():
