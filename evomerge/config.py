@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from evomerge.errors import ConfigError, redact, validation_message
 from evomerge.pool import Pool
-from evomerge.provider import is_remote, resolve_remote_spec
+from evomerge.poolkinds import kind_of_spec, pool_kind
 from evomerge.recipe import Recipe, is_mergekit_config, load_yaml_file, recipe_from_mergekit
 
 
@@ -31,9 +31,16 @@ def resolve_pool_spec(spec: Any, relative_to: Path, where: str) -> dict[str, Any
     if isinstance(spec, str):
         pool_file = (relative_to / spec).resolve()
         return resolve_pool_spec(load_yaml_file(pool_file), pool_file.parent, str(pool_file))
-    if is_remote(spec):  # held by a provider (`evomerge serve`): nothing local to resolve
-        return resolve_remote_spec(spec, where)
-    if not isinstance(spec, dict) or "base" not in spec or "experts" not in spec:
+    kind = kind_of_spec(spec)
+    if kind is None:
+        raise ConfigError(f"{where}: pool needs `base: PATH` and `experts: {{NAME: PATH}}` (or a path to a pool "
+                          "YAML, or `endpoint: URL` of a provider)")
+    return kind.resolve(spec, relative_to, where)
+
+
+def resolve_local_spec(spec: dict[str, Any], relative_to: Path, where: str) -> dict[str, Any]:
+    """{base, experts, tokenizer?} with absolute paths, every path checked."""
+    if "base" not in spec or "experts" not in spec:
         raise ConfigError(f"{where}: pool needs `base: PATH` and `experts: {{NAME: PATH}}` (or a path to a pool "
                           "YAML, or `endpoint: URL` of a provider)")
     extra = set(spec) - {"base", "experts", "tokenizer"}
@@ -99,10 +106,8 @@ def load_merge_config(path: Path) -> tuple[Recipe, dict[str, Any]]:
 
 
 def open_pool(spec: dict[str, Any]) -> Pool:
-    if is_remote(spec):
-        raise ConfigError(f"the pool is held by the provider at {spec['endpoint']}: its weights are not here "
-                          "(ask the provider to export the recipe)")
-    return Pool(Path(spec["base"]), {name: Path(p) for name, p in spec["experts"].items()}, spec.get("tokenizer"))
+    """The weights of a resolved pool spec (a provider's are not here: one line saying so)."""
+    return pool_kind(spec).open()
 
 
 # ---- search config ----------------------------------------------------------------------------
@@ -161,7 +166,7 @@ class SearchConfig(_Strict):
 
     def check(self, where: str) -> "SearchConfig":
         refuse_secrets(self.model_dump(mode="json"), where)
-        if is_remote(self.pool):
+        if pool_kind(self.pool).scores_itself:
             if self.suite is not None or self.objective is not None:
                 raise ConfigError(f"{where}: a provider's pool is scored on the provider's own suite; "
                                   "drop `suite:` and `objective:`")

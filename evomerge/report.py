@@ -5,16 +5,14 @@ Everything here reads the run directory only, so it works while the search is li
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import yaml
 from rich.console import Console
 from rich.table import Table
 
-from evomerge.errors import ConfigError, EvomergeError
-from evomerge.provider import is_remote
-from evomerge.recipe import Recipe, recipe_to_mergekit
+from evomerge.errors import EvomergeError
+from evomerge.poolkinds import pool_kind
+from evomerge.recipe import Recipe
 from evomerge.run import PARETO, REFERENCES, Evaluation, Run, pareto_front
 
 
@@ -112,27 +110,6 @@ def pick_candidate(run: Run, pick: str) -> Evaluation:
 
 def export_candidate(run: Run, pick: str, output: Path, device: str = "cpu", dtype: str | None = None) -> Path:
     """The candidate's merged model (or low-rank adapter) + recipe.yaml + mergekit.yaml where expressible."""
-    from evomerge.config import open_pool
-    from evomerge.materialize import check_output_dir, staged_dir, write_adapter_dir, write_model_dir
-
     chosen = pick_candidate(run, pick)
     recipe = Recipe.model_validate(chosen.recipe)
-    pool_spec = run.config()["pool"]
-    if is_remote(pool_spec):  # the weights are the provider's: hand over the merge config to run there
-        output = check_output_dir(output)
-        with staged_dir(output) as staging:
-            (staging / "merge.yaml").write_text(  # `evomerge merge merge.yaml -o DIR`, where the pool is
-                f"pool: POOL.yaml  # the provider's pool ({pool_spec['endpoint']})\n"
-                + yaml.safe_dump({"recipe": recipe.model_dump(mode="json")}, sort_keys=False))
-            recipe.save(staging / "recipe.yaml")
-        return output
-    pool = open_pool(pool_spec)
-    if recipe.lora_merge == "lowrank":
-        path = write_adapter_dir(recipe, pool, output, device=device)
-    else:
-        path = write_model_dir(recipe, pool, output, device=device, dtype=dtype)
-    try:
-        (path / "mergekit.yaml").write_text(yaml.safe_dump(recipe_to_mergekit(recipe, pool_spec), sort_keys=False))
-    except ConfigError as why:  # mergekit cannot express this recipe (e.g. evo_merging's top-magnitude masks)
-        print(f"evomerge: no mergekit.yaml written: {str(why).split(': ', 1)[-1]}", file=sys.stderr)
-    return path
+    return pool_kind(run.config()["pool"]).export(recipe, output, device=device, dtype=dtype)

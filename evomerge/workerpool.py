@@ -23,12 +23,13 @@ from typing import Any, Iterable, Optional
 
 from evomerge.config import SearchConfig
 from evomerge.errors import EvomergeError
-from evomerge.provider import is_remote
+from evomerge.poolkinds import pool_kind
 
 
 class WorkerPool:
     def __init__(self, config: SearchConfig):
         self.config = config
+        self.kind = pool_kind(config.pool)
         self.workers: list[Any] = []
         self.busy: dict[Any, tuple[int, Any, float]] = {}  # ref -> (worker index, job, dispatched at)
         self._owns_ray = False  # True once start_ray started a private local cluster
@@ -95,26 +96,16 @@ class WorkerPool:
         self.workers = []
 
     def _new_worker(self):
-        from evomerge.worker import ray_worker_class
-
         workers = self.config.workers
-        if is_remote(self.config.pool):  # waits on HTTP: no CPU of its own
-            import ray
-
-            from evomerge.provider import RemoteWorker
-
-            return ray.remote(num_cpus=0)(RemoteWorker).remote(self.config.pool, workers.timeout_s)
         threads = workers.threads or max(1, cores() // workers.count)
-        return ray_worker_class(workers.device).remote(
-            self.config.pool, self.config.suite, self.config.backend, device=device_in_actor(workers.device),
-            threads=threads, objective=self.config.objective)
+        return self.kind.new_worker(self.config, threads=threads, device=device_in_actor(workers.device))
 
     def _check_resources(self) -> None:
         """A local cluster cannot grow: workers asking for GPUs it lacks would wait forever."""
         import ray
 
         workers = self.config.workers
-        if workers.ray_address or not workers.device.startswith("cuda") or is_remote(self.config.pool):
+        if workers.ray_address or not workers.device.startswith("cuda") or not self.kind.uses_devices:
             return
         gpus = int(ray.cluster_resources().get("GPU", 0))
         if gpus < workers.count:

@@ -1,0 +1,179 @@
+"""Kinds of pool, and what a search needs from each, declared in one place.
+
+- `local`: a base and its experts on this machine (evomerge/pool.py); each worker holds them
+  resident and scores candidates on the config's suite.
+- `remote`: a provider's (`evomerge serve`); the weights stay there, the workers are HTTP clients
+  (provider_client.RemoteWorker) and the provider scores on its own suite.
+
+A pool spec says its kind by its keys (`endpoint:` remote, `base:` + `experts:` local). Everything
+that differs between kinds is a method or a declaration here, so the config, the search, the
+WorkerPool and `export` never ask which kind they hold. A new kind (API models whose outputs are
+fused) is one class and one POOL_KINDS line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
+
+from evomerge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from evomerge.config import SearchConfig
+    from evomerge.pool import Pool
+    from evomerge.recipe import Recipe
+
+
+@dataclass
+class PoolInfo:
+    """What the search space and the loop need to know about a pool before any worker starts."""
+
+    experts: list[str]
+    n_layers: int
+    tasks: list[str] = field(default_factory=list)  # empty: the tasks come from the scored references
+    provider: Optional[dict[str, Any]] = None  # a provider's own description, recorded in the run dir
+
+
+class PoolKind:
+    name: ClassVar[str]
+    keys: ClassVar[frozenset[str]]  # a spec with any of these keys is of this kind
+    scores_itself: ClassVar[bool] = False  # scored on the pool's own suite: a config gives none
+    uses_devices: ClassVar[bool] = True  # its workers run on workers.device (GPUs are counted for them)
+
+    def __init__(self, spec: dict[str, Any]):
+        self.spec = spec
+
+    @classmethod
+    def resolve(cls, spec: dict[str, Any], relative_to: Path, where: str) -> dict[str, Any]:
+        """The spec checked and made absolute, as it is stored in a run's config.json."""
+        raise NotImplementedError
+
+    def info(self, config: "SearchConfig") -> PoolInfo:
+        """Checked before any run dir or worker: a bad pool is one line now, not a failed budget."""
+        raise NotImplementedError
+
+    def open(self) -> "Pool":
+        """The weights, here, to merge (evomerge merge, export, a worker)."""
+        raise NotImplementedError
+
+    def new_worker(self, config: "SearchConfig", threads: int, device: str) -> Any:
+        """One Ray actor with the Worker interface (info, evaluate)."""
+        raise NotImplementedError
+
+    def export(self, recipe: "Recipe", output: Path, device: str = "cpu", dtype: Optional[str] = None) -> Path:
+        """What `evomerge export` writes for a picked candidate."""
+        raise NotImplementedError
+
+
+class LocalPool(PoolKind):
+    name = "local"
+    keys = frozenset({"base", "experts"})
+
+    @classmethod
+    def resolve(cls, spec, relative_to, where):
+        from evomerge.config import resolve_local_spec
+
+        return resolve_local_spec(spec, relative_to, where)
+
+    def info(self, config):
+        pool = self.open().validate(check_values=True)  # a NaN expert: one line now
+        if config.objective is None:
+            from evomerge.worker import check_backend
+
+            check_backend(config.backend)  # e.g. openai: no weights to swap, refused before any work
+        return PoolInfo(experts=pool.names, n_layers=pool.n_layers())
+
+    def open(self):
+        from evomerge.pool import Pool
+
+        spec = self.spec
+        return Pool(Path(spec["base"]), {name: Path(p) for name, p in spec["experts"].items()}, spec.get("tokenizer"))
+
+    def new_worker(self, config, threads, device):
+        from evomerge.worker import ray_worker_class
+
+        return ray_worker_class(config.workers.device).remote(
+            self.spec, config.suite, config.backend, device=device, threads=threads, objective=config.objective)
+
+    def export(self, recipe, output, device="cpu", dtype=None):
+        import sys
+
+        import yaml
+
+        from evomerge.materialize import write_adapter_dir, write_model_dir
+        from evomerge.recipe import recipe_to_mergekit
+
+        pool = self.open()
+        if recipe.lora_merge == "lowrank":
+            path = write_adapter_dir(recipe, pool, output, device=device)
+        else:
+            path = write_model_dir(recipe, pool, output, device=device, dtype=dtype)
+        try:
+            (path / "mergekit.yaml").write_text(yaml.safe_dump(recipe_to_mergekit(recipe, self.spec), sort_keys=False))
+        except ConfigError as why:  # mergekit cannot express this recipe (e.g. evo_merging's top-magnitude masks)
+            print(f"evomerge: no mergekit.yaml written: {str(why).split(': ', 1)[-1]}", file=sys.stderr)
+        return path
+
+
+class RemotePool(PoolKind):
+    name = "remote"
+    keys = frozenset({"endpoint"})
+    scores_itself = True  # the provider's suite
+    uses_devices = False  # its workers wait on HTTP
+
+    @classmethod
+    def resolve(cls, spec, relative_to, where):
+        from evomerge.provider_client import resolve_remote_spec
+
+        return resolve_remote_spec(spec, where)
+
+    def info(self, config):
+        from evomerge.provider_client import pool_info
+
+        provider = pool_info(self.spec)  # checks the endpoint and the token once, up front
+        return PoolInfo(experts=provider["experts"], n_layers=provider["n_layers"], tasks=sorted(provider["tasks"]),
+                        provider=provider)
+
+    def open(self):
+        raise ConfigError(f"the pool is held by the provider at {self.spec['endpoint']}: its weights are not here "
+                          "(ask the provider to export the recipe)")
+
+    def new_worker(self, config, threads, device):
+        import ray
+
+        from evomerge.provider_client import RemoteWorker
+
+        return ray.remote(num_cpus=0)(RemoteWorker).remote(self.spec, config.workers.timeout_s)
+
+    def export(self, recipe, output, device="cpu", dtype=None):
+        """The weights are the provider's: the merge config to run there, and the recipe."""
+        import yaml
+
+        from evomerge.materialize import check_output_dir, staged_dir
+
+        output = check_output_dir(output)
+        with staged_dir(output) as staging:
+            (staging / "merge.yaml").write_text(  # `evomerge merge merge.yaml -o DIR`, where the pool is
+                f"pool: POOL.yaml  # the provider's pool ({self.spec['endpoint']})\n"
+                + yaml.safe_dump({"recipe": recipe.model_dump(mode="json")}, sort_keys=False))
+            recipe.save(staging / "recipe.yaml")
+        return output
+
+
+POOL_KINDS: tuple[type[PoolKind], ...] = (RemotePool, LocalPool)  # the first whose keys a spec has
+
+
+def kind_of_spec(spec: Any) -> Optional[type[PoolKind]]:
+    if not isinstance(spec, dict):
+        return None
+    return next((kind for kind in POOL_KINDS if kind.keys & set(spec)), None)
+
+
+def pool_kind(spec: dict[str, Any]) -> PoolKind:
+    """The kind of a resolved spec (a run's config.json holds one), wrapping it."""
+    kind = kind_of_spec(spec)
+    if kind is None:
+        raise ConfigError(f"pool: not a pool spec ({sorted(spec) if isinstance(spec, dict) else type(spec).__name__}); "
+                          "a pool has `base:` and `experts:`, or `endpoint:` of a provider")
+    return kind(spec)
