@@ -12,6 +12,8 @@ weight-averaged task score.
     suite = load_suite("evaluators/zoo-loss.yaml")
     backend = build_backend("hf", model="zoo/base")
     result = evaluate(suite, backend)      # SuiteResult: .scores, .scalar, .tasks[name].metrics
+    prepared = PreparedSuite(suite, backend)  # requests built once: a worker's many candidates
+    result = prepared.evaluate()
 """
 
 from __future__ import annotations
@@ -493,51 +495,67 @@ def _score_generate(requests: TaskRequests, outputs: list[str]) -> tuple[dict[st
     return metrics, samples
 
 
-def evaluate(suite: Suite, backend, *, keep_samples: bool = False) -> SuiteResult:
-    """Score every task of `suite` through `backend`; scores are higher-is-better."""
-    started = time.perf_counter()
-    chat = backend.apply_chat_template if backend.chat_template else None  # declared (evomerge.backends)
-    for task in suite.tasks:
-        if task.apply_chat_template and chat is None and task.output_type != "generate_until":
-            raise ConfigError(
-                f"task {task.task!r}: apply_chat_template with output_type {task.output_type!r} needs"
-                f" a backend that holds the tokenizer (hf, vllm); {backend.name!r} can only chat-generate"
+class PreparedSuite:
+    """A suite's requests built once for one backend (lm-eval's build_all_requests): a Worker
+    prepares its suite when it starts and scores every candidate with `evaluate()`. What it asks
+    depends on the suite and the backend's chat template, never on the weights it scores."""
+
+    def __init__(self, suite: Suite, backend):
+        chat = backend.apply_chat_template if backend.chat_template else None  # declared (evomerge.backends)
+        for task in suite.tasks:
+            if task.apply_chat_template and chat is None and task.output_type != "generate_until":
+                raise ConfigError(
+                    f"task {task.task!r}: apply_chat_template with output_type {task.output_type!r} needs"
+                    f" a backend that holds the tokenizer (hf, vllm); {backend.name!r} can only chat-generate"
+                )
+            if task.output_type != "generate_until" and not backend.loglikelihoods:
+                raise ConfigError(f"task {task.task!r}: output_type {task.output_type!r} needs log-likelihoods, "
+                                  f"which backend {backend.name!r} does not give; use hf or vllm")
+        # e.g. does the endpoint return prompt logprobs? (before any real work)
+        backend.check({task.output_type for task in suite.tasks})
+        self.suite, self.backend = suite, backend
+        self.requests = {task.task: build_requests(suite, task, chat if task.apply_chat_template else None)
+                         for task in suite.tasks}
+
+    def evaluate(self, *, keep_samples: bool = False) -> SuiteResult:
+        """Score every task through the backend as its weights are now; scores are higher-is-better."""
+        started = time.perf_counter()
+        results: dict[str, TaskResult] = {}
+        for task in self.suite.tasks:
+            task_started = time.perf_counter()
+            requests = self.requests[task.task]
+            if task.output_type == "generate_until":
+                metrics, samples = _score_generate(requests, self.backend.generate_until(requests.generate))
+            else:
+                outputs = self.backend.loglikelihood(requests.loglikelihood)
+                scorer = _score_loss if task.output_type == "loss" else _score_choice
+                metrics, samples = scorer(requests, outputs)
+            primary = task.metrics[0].metric
+            value = metrics[primary]
+            score = -value if primary in LOWER_IS_BETTER else value
+            if not math.isfinite(score):
+                score = -math.inf
+            results[task.task] = TaskResult(
+                task=task.task,
+                output_type=task.output_type,
+                metrics=metrics,
+                score=score,
+                n=len(requests.doc_indices),
+                weight=task.weight,
+                seconds=time.perf_counter() - task_started,
+                samples=samples if keep_samples else [],
             )
-        if task.output_type != "generate_until" and not backend.loglikelihoods:
-            raise ConfigError(f"task {task.task!r}: output_type {task.output_type!r} needs log-likelihoods, "
-                              f"which backend {backend.name!r} does not give; use hf or vllm")
-    # e.g. does the endpoint return prompt logprobs? (before any real work)
-    backend.check({task.output_type for task in suite.tasks})
-    results: dict[str, TaskResult] = {}
-    for task in suite.tasks:
-        task_started = time.perf_counter()
-        requests = build_requests(suite, task, chat if task.apply_chat_template else None)
-        if task.output_type == "generate_until":
-            metrics, samples = _score_generate(requests, backend.generate_until(requests.generate))
-        else:
-            outputs = backend.loglikelihood(requests.loglikelihood)
-            scorer = _score_loss if task.output_type == "loss" else _score_choice
-            metrics, samples = scorer(requests, outputs)
-        primary = task.metrics[0].metric
-        value = metrics[primary]
-        score = -value if primary in LOWER_IS_BETTER else value
-        if not math.isfinite(score):
-            score = -math.inf
-        results[task.task] = TaskResult(
-            task=task.task,
-            output_type=task.output_type,
-            metrics=metrics,
-            score=score,
-            n=len(requests.doc_indices),
-            weight=task.weight,
-            seconds=time.perf_counter() - task_started,
-            samples=samples if keep_samples else [],
+        total_weight = sum(r.weight for r in results.values())
+        scalar = sum(r.weight * r.score for r in results.values()) / total_weight
+        return SuiteResult(
+            tasks=results,
+            scalar=scalar,
+            seconds=time.perf_counter() - started,
+            backend=self.backend.name,
         )
-    total_weight = sum(r.weight for r in results.values())
-    scalar = sum(r.weight * r.score for r in results.values()) / total_weight
-    return SuiteResult(
-        tasks=results,
-        scalar=scalar,
-        seconds=time.perf_counter() - started,
-        backend=backend.name,
-    )
+
+
+def evaluate(suite: Suite, backend, *, keep_samples: bool = False) -> SuiteResult:
+    """Score every task of `suite` through `backend` once; scores are higher-is-better. To score
+    many weights through one backend, prepare the suite once (`PreparedSuite`), as a Worker does."""
+    return PreparedSuite(suite, backend).evaluate(keep_samples=keep_samples)

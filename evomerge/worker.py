@@ -52,7 +52,7 @@ class Worker:
     def _load_models(self, pool_spec, suite, backend, device) -> None:
         from evomerge.backends import build_backend
         from evomerge.config import open_pool
-        from evomerge.evaluator import load_suite
+        from evomerge.evaluator import PreparedSuite, load_suite
         from evomerge.materialize import ResidentMerger
 
         self.pool = open_pool(pool_spec)
@@ -60,6 +60,7 @@ class Worker:
         self.suite = load_suite(suite)
         options = {k: v for k, v in backend.items() if k != "name"}
         self.backend = build_backend(backend.get("name", "hf"), model=pool_spec["base"], device=device, **options)
+        self.prepared = PreparedSuite(self.suite, self.backend)  # requests built once, scored per candidate
 
     def _swap_weights(self, recipe: Recipe) -> None:
         """Put the candidate's merge into the backend the way its class declares it takes weights."""
@@ -98,11 +99,13 @@ class Worker:
         if self.objective is not None:  # a synthetic objective: scores only, mean as the scalar
             scores = self.objective(recipe)
             return scores, sum(scores.values()) / len(scores), {"merge": 0.0, "eval": time.perf_counter() - started}
-        from evomerge.evaluator import evaluate
+        from evomerge.evaluator import PreparedSuite
 
         self._swap_weights(recipe)
         merged = time.perf_counter()
-        result = evaluate(self.suite, self.backend)
+        if self.prepared.backend is not self.backend:  # replaced after the start (tests, benchmarks)
+            self.prepared = PreparedSuite(self.suite, self.backend)
+        result = self.prepared.evaluate()
         return result.scores, result.scalar, {"merge": merged - started, "eval": time.perf_counter() - merged}
 
 

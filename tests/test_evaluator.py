@@ -377,3 +377,73 @@ def test_zoo_suites_reproduce_the_zoo_scores(tiny_zoo):
     for task, scores in expected.items():
         assert -loss[task] == pytest.approx(scores["val_loss"], abs=1e-3), task
         assert accuracy[task] == pytest.approx(scores["test_acc"], abs=1e-9), task
+
+
+# ---- a worker prepares its suite once ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def worker_suite(tmp_path_factory) -> Path:
+    """A small few-shot suite of the demo zoo's data: a loss task and a generation task."""
+    data = Path(__file__).resolve().parent.parent / "evaluators" / "data"
+    return write_suite(tmp_path_factory.mktemp("worker-suite"), [
+        task("loss", dataset_path=str(data / "add" / "validation.jsonl"), doc_to_text="question",
+             target_delimiter="", num_fewshot=2, limit=6),
+        task("gen", dataset_path=str(data / "upper" / "validation.jsonl"), doc_to_text="question",
+             output_type="generate_until", target_delimiter="", num_fewshot=1, limit=3,
+             generation_kwargs={"until": ["\n"], "max_gen_toks": 6}),
+    ])
+
+
+def _worker(tiny_zoo, suite: Path):
+    """A Worker as a search builds it, on the tiny zoo's full pool."""
+    from evomerge.config import resolve_pool_spec
+    from evomerge.worker import Worker
+
+    return Worker(resolve_pool_spec("pool-full.yaml", tiny_zoo, "zoo"), str(suite), {"name": "hf", "batch_size": 16},
+                  threads=1)
+
+
+@pytest.fixture(scope="module")
+def zoo_worker(tiny_zoo, worker_suite):
+    return _worker(tiny_zoo, worker_suite), worker_suite
+
+
+def _recipe(experts, weight):
+    return {"method": "task_arithmetic", "experts": {name: {"weight": weight} for name in experts}}
+
+
+def test_a_worker_builds_its_requests_and_few_shot_contexts_once(tiny_zoo, worker_suite, monkeypatch):
+    """A search scores every candidate on the suite the worker loaded: the prompts and few-shot
+    contexts are built once, not once per candidate."""
+    import evomerge.evaluator as evaluator
+
+    built = []
+    context = evaluator._context
+
+    def counting(task, suite, index, doc):
+        built.append((task.task, index))
+        return context(task, suite, index, doc)
+
+    monkeypatch.setattr(evaluator, "_context", counting)
+    worker = _worker(tiny_zoo, worker_suite)
+    sent = []
+    loglikelihood = worker.backend.loglikelihood
+    monkeypatch.setattr(worker.backend, "loglikelihood", lambda requests: sent.append(requests) or loglikelihood(requests))
+    for weight in (0.1, 0.3, 0.5):
+        assert worker.evaluate(_recipe(worker.pool.names, weight))["status"] == "ok"
+    assert len(built) == 6 + 3, f"{len(built)} contexts built for 9 docs and 3 candidates"
+    assert len(sent) == 3 and sent[0] is sent[1] is sent[2]  # the same requests, not equal copies
+
+
+def test_prepared_requests_score_as_requests_built_afresh(zoo_worker):
+    """Reusing the requests changes no score: a candidate scores the same before and after another,
+    and the same as a suite loaded and evaluated from scratch, bit for bit."""
+    worker, suite_path = zoo_worker
+    names = worker.pool.names
+    first, other, again = (worker.evaluate(_recipe(names, w)) for w in (0.4, -0.2, 0.4))
+    assert first["status"] == other["status"] == again["status"] == "ok"
+    assert first["scores"] == again["scores"] and first["scalar"] == again["scalar"]
+    assert other["scores"] != first["scores"]
+    fresh = evaluate(load_suite(suite_path), worker.backend)  # the backend holds the last candidate
+    assert fresh.scores == again["scores"] and fresh.scalar == again["scalar"]
