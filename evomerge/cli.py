@@ -368,6 +368,8 @@ def serve(
 def eval_command(
     target: str = typer.Argument(..., help="A model dir (hf, vllm) or an OpenAI-compatible URL (http://host:port/v1)."),
     suite: Path = typer.Option(..., "--suite", help="A task suite, e.g. evaluators/zoo-loss.yaml."),
+    split: Optional[str] = typer.Option(None, "--split", help="The split its dataset_path {split} stands for "
+                                        "(default: the suite's `split:`), e.g. test."),
     backend: Optional[str] = typer.Option(None, "--backend", help="hf, openai or vllm (default: openai for a URL, else hf)."),
     device: str = DeviceOption,
     batch_size: int = typer.Option(16, "--batch-size", help="Requests per forward pass (hf)."),
@@ -380,6 +382,7 @@ def eval_command(
 
     Examples:
       evomerge eval zoo/base --suite evaluators/zoo-loss.yaml
+      evomerge eval zoo/base --suite zoo-generate --split test
       evomerge eval http://localhost:8000/v1 --suite evaluators/zoo-generate.yaml --model my-model
     """
     import json
@@ -392,7 +395,7 @@ def eval_command(
     is_url = target.startswith(("http://", "https://"))
     name = backend or ("openai" if is_url else "hf")
     BACKENDS.get(name)  # unknown names fail here, with did-you-mean
-    loaded = load_suite(suite, limit=limit)  # every data/template check before any model work
+    loaded = load_suite(suite, split=split, limit=limit)  # every data/template check before any model work
     if name == "openai":
         if not is_url:
             raise EvomergeError(f"backend 'openai' needs a URL (http://host:port/v1), got {target!r}")
@@ -408,7 +411,7 @@ def eval_command(
     finally:  # an engine process (vllm) stopped here, not at interpreter exit, where it aborted (-6)
         engine.close()
 
-    table = Table(title=f"{suite} on {target} ({name})")
+    table = Table(title=f"{suite}{f' ({loaded.split} split)' if loaded.split else ''} on {target} ({name})")
     for column in ("task", "type", "n", "weight", "metrics", "score", "seconds"):
         table.add_column(column, justify="left" if column in ("task", "type", "metrics") else "right")
     for task in result.tasks.values():
@@ -420,7 +423,7 @@ def eval_command(
     console.print("scores are higher-is-better; a loss task scores -(mean cross-entropy per token)")
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"target": target, "suite": str(suite), **result.to_dict()}
+        payload = {"target": target, "suite": str(suite), "split": loaded.split, **result.to_dict()}
         output.write_text(json.dumps(payload, indent=2) + "\n")
         console.print(f"wrote {output}")
 # END eval command

@@ -131,7 +131,11 @@ class WorkersConfig(_Strict):
 
 def _resolve_suite(suite: str, relative_to: Path) -> str:
     """A suite path made absolute against the config's directory; a bare name with no such file
-    there (`suite: zoo-loss`) stays a name, which `load_suite` finds among the shipped suites."""
+    there (`suite: zoo-loss`) stays a name, which `load_suite` finds among the shipped suites; a
+    `:SPLIT` after either (`suite: zoo-loss:test`) stays after it."""
+    head, colon, split = suite.rpartition(":")
+    if colon and head and split and not set("/\\") & set(split) and not (relative_to / suite).exists():
+        return f"{_resolve_suite(head, relative_to)}:{split}"
     path = relative_to / suite
     if not path.exists() and "/" not in suite and not suite.endswith((".yaml", ".yml")):
         return suite

@@ -19,9 +19,9 @@ from evomerge.recipe import Recipe
 from evomerge.shipped import shipped_dir
 
 SUITES = shipped_dir("evaluators")
-SEARCH_SUITE = SUITES / "zoo-loss.yaml"
-TEST_SUITE = SUITES / "zoo-generate-test.yaml"
-TEST_LOSS_SUITE = SUITES / "zoo-loss-test.yaml"
+SEARCH_SUITE = SUITES / "zoo-loss.yaml"  # its validation split
+TEST_SUITE = f"{SUITES / 'zoo-generate.yaml'}:test"  # the held-out test split of each
+TEST_LOSS_SUITE = f"{SEARCH_SUITE}:test"
 
 
 def classic_recipes(experts: list[str]) -> dict[str, Recipe]:
@@ -71,8 +71,8 @@ def compare_on_test(config: SearchConfig, found: dict[str, Recipe], console: Con
     experts = open_pool(config.pool).names
     references = {("base" if name == "base" else f"expert {name}"): r for name, r in reference_recipes(experts).items()}
     recipes = {**references, **classic_recipes(experts), **found}
-    worker = Worker(config.pool, str(TEST_SUITE), config.backend)
-    loss_worker = Worker(config.pool, str(TEST_LOSS_SUITE), config.backend)
+    worker = Worker(config.pool, TEST_SUITE, config.backend)
+    loss_worker = Worker(config.pool, TEST_LOSS_SUITE, config.backend)
     results = {name: (worker.evaluate(recipe.model_dump(mode="json")), loss_worker.evaluate(recipe.model_dump(mode="json")))
                for name, recipe in recipes.items()}
     tasks = sorted(next(r for r, _ in results.values() if r["status"] == "ok")["scores"])

@@ -1,7 +1,10 @@
 """Evaluator: a suite of tasks (`evaluators/*.yaml` + local JSONL) scored through a backend.
 
 The suite format uses lm-evaluation-harness's words (task, dataset_path, output_type, doc_to_text,
-doc_to_target, doc_to_choice, num_fewshot, generation_kwargs.until, metric_list). Every check on
+doc_to_target, doc_to_choice, num_fewshot, generation_kwargs.until, metric_list). A top-level
+`defaults:` mapping is merged under every task (a task's own keys win), and a `dataset_path` may
+hold `{split}`: the suite's `split:` by default, another one with `load_suite(path, split=...)`,
+`evomerge eval --split`, or a `NAME:SPLIT` suite reference (`suite: zoo-loss:test`). Every check on
 the user's input (files, JSONL lines, template fields) happens in `load_suite`, before any model
 work, and fails with one EvomergeError line.
 
@@ -9,7 +12,7 @@ Scores are oriented higher-is-better: a task's score is its first metric, negate
 better (loss -> score = -mean cross-entropy per continuation token). The suite's scalar is the
 weight-averaged task score.
 
-    suite = load_suite("evaluators/zoo-loss.yaml")
+    suite = load_suite("zoo-loss")                  # or "zoo-loss:test", split="test"
     backend = build_backend("hf", model="zoo/base")
     result = evaluate(suite, backend)      # SuiteResult: .scores, .scalar, .tasks[name].metrics
     prepared = PreparedSuite(suite, backend)  # requests built once: a worker's many candidates
@@ -125,6 +128,7 @@ class Suite(_Strict):
 
     tasks: list[TaskConfig]
     seed: int = 1234
+    split: Optional[str] = Field(None, min_length=1)  # what `{split}` in a dataset_path stands for
     description: str = ""
     metadata: dict[str, Any] = Field(default_factory=dict)
 
@@ -174,36 +178,51 @@ def read_jsonl_lines(path: Path) -> list[tuple[int, dict]]:
     return records
 
 
-def load_suite(path: str | Path, *, limit: Optional[int] = None) -> Suite:
-    """Read, validate and load a suite YAML and its data. `limit` caps every task's doc count."""
-    path = _suite_path(path)
+def load_suite(path: str | Path, *, split: Optional[str] = None, limit: Optional[int] = None) -> Suite:
+    """Read, validate and load a suite YAML and its data. `path` is a file or a shipped suite's name,
+    either one optionally followed by `:SPLIT` (`zoo-loss:test`); `split` picks the split too
+    (default: the suite's `split:`). `limit` caps every task's doc count."""
+    path, named = _suite_path(path)
+    if named is not None and split is not None and named != split:
+        raise ConfigError(f"suite {path}: two splits asked for, {named!r} (in its name) and {split!r}")
     raw = load_yaml_text(path.read_text(encoding="utf-8"), f"suite {path}")
-    suite = suite_from_dict(raw, base_dir=path.parent, name=str(path), limit=limit)
+    suite = suite_from_dict(raw, base_dir=path.parent, name=str(path), split=split or named, limit=limit)
     suite._path = path
     return suite
 
 
-def _suite_path(path: str | Path) -> Path:
-    """A suite file, or the name of a shipped one (`zoo-loss` -> evaluators/zoo-loss.yaml)."""
+def _suite_path(path: str | Path) -> tuple[Path, Optional[str]]:
+    """A suite file, or the name of a shipped one (`zoo-loss` -> evaluators/zoo-loss.yaml), and the
+    split a `:SPLIT` after either names (None without one)."""
     from evomerge.shipped import shipped_dir
 
-    path = Path(path)
-    if path.is_file():
-        return path
-    shipped = shipped_dir("evaluators") / f"{path.name.removesuffix('.yaml')}.yaml"
-    if path.parent == Path(".") and shipped.is_file():
-        return shipped
+    def find(candidate: Path) -> Optional[Path]:
+        if candidate.is_file():
+            return candidate
+        shipped = shipped_dir("evaluators") / f"{candidate.name.removesuffix('.yaml')}.yaml"
+        return shipped if candidate.parent == Path(".") and shipped.is_file() else None
+
+    found = find(Path(path))
+    if found is not None:
+        return found, None
+    head, colon, split = str(path).rpartition(":")
+    if colon and head and split and not set("/\\") & set(split):
+        found = find(Path(head))
+        if found is not None:
+            return found, split
     names = sorted(p.stem for p in shipped_dir("evaluators").glob("*.yaml"))
     raise ConfigError(f"suite {path} does not exist (shipped suites, by name: {', '.join(names)})")
 
 
 def suite_from_dict(
-    raw: Any, *, base_dir: str | Path = ".", name: str = "suite", limit: Optional[int] = None
+    raw: Any, *, base_dir: str | Path = ".", name: str = "suite", split: Optional[str] = None,
+    limit: Optional[int] = None,
 ) -> Suite:
     if not isinstance(raw, dict):
         raise ConfigError(f"{name}: expected a mapping with a 'tasks:' list")
     if not raw.get("tasks"):
         raise ConfigError(f"{name}: the suite is empty (add at least one entry under 'tasks:')")
+    raw, split_of = _with_defaults_and_split(raw, name, split)
     if limit is not None:
         raw = {**raw, "tasks": [{**t, "limit": min(limit, t.get("limit") or limit)} for t in raw["tasks"]]}
     try:
@@ -218,10 +237,11 @@ def suite_from_dict(
     if sum(t.weight for t in suite.tasks) <= 0:
         raise ConfigError(f"{name}: task weights sum to 0")
     base_dir = Path(base_dir)
-    for task in suite.tasks:
+    for position, task in enumerate(suite.tasks):
         data_path = base_dir / task.dataset_path
         if not data_path.is_file():
-            raise ConfigError(f"task {task.task!r}: dataset_path {data_path} does not exist")
+            which = f" (split {suite.split!r})" if position in split_of else ""
+            raise ConfigError(f"task {task.task!r}: dataset_path {data_path}{which} does not exist")
         numbered = read_jsonl_lines(data_path)
         _check_templates(task, numbered, data_path)
         docs = [record for _, record in numbered]
@@ -240,6 +260,35 @@ def suite_from_dict(
                 )
             suite._fewshot[task.task] = shots
     return suite
+
+
+def _with_defaults_and_split(raw: dict, name: str, split: Optional[str]) -> tuple[dict, set[int]]:
+    """The suite mapping with `defaults:` merged under every task (a task's own keys win) and
+    `{split}` in each dataset_path replaced; also the positions of the tasks whose path holds it."""
+    raw, defaults = {k: v for k, v in raw.items() if k != "defaults"}, raw.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{name}: defaults: expected a mapping of task keys (output_type, doc_to_text, ...)")
+    keys = {str(key) for key in defaults}
+    unknown = sorted(keys - set(TaskConfig.model_fields) | ({"task"} & keys))
+    if unknown:
+        why = "each task names itself" if unknown[0] == "task" else "unknown key (typo?)"
+        raise ConfigError(f"{name}: defaults.{unknown[0]}: {why}")
+    if not isinstance(raw["tasks"], list):
+        raise ConfigError(f"{name}: tasks: expected a list of tasks")
+    tasks = [{**defaults, **t} if isinstance(t, dict) else t for t in raw["tasks"]]
+    split_of = {i for i, t in enumerate(tasks)
+                if isinstance(t, dict) and isinstance(t.get("dataset_path"), str) and "{split}" in t["dataset_path"]}
+    split = split or raw.get("split")
+    if split_of and not (isinstance(split, str) and split):
+        raise ConfigError(f"{name}: a dataset_path holds {{split}}: set `split:` in the suite, or pick one "
+                          "(--split, or a suite reference NAME:SPLIT)")
+    if not split_of and split is not None and split != raw.get("split"):
+        raise ConfigError(f"{name}: split {split!r} asked for, but no dataset_path holds {{split}}")
+    if split_of:
+        tasks = [{**t, "dataset_path": t["dataset_path"].replace("{split}", split)} if i in split_of else t
+                 for i, t in enumerate(tasks)]
+        raw["split"] = split
+    return {**raw, "tasks": tasks}, split_of
 
 
 # ---- templates (lm-eval semantics: "{{ ... }}" is jinja2, anything else names a field) ----------

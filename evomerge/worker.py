@@ -57,7 +57,7 @@ class Worker:
 
         self.pool = open_pool(pool_spec)
         self.merger = ResidentMerger(self.pool, device)
-        self.suite = load_suite(suite)
+        self.suite = load_suite(suite)  # a file or a shipped name, optionally NAME:SPLIT
         options = {k: v for k, v in backend.items() if k != "name"}
         self.backend = build_backend(backend.get("name", "hf"), model=pool_spec["base"], device=device, **options)
         self.prepared = PreparedSuite(self.suite, self.backend)  # requests built once, scored per candidate

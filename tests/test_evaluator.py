@@ -119,6 +119,88 @@ def test_committed_suites_load():
     for path in sorted(root.glob("*.yaml")):
         suite = load_suite(path)
         assert suite.tasks, path
+    for name in ("zoo-loss", "zoo-generate"):  # one file each, two splits
+        validation, test = load_suite(name), load_suite(f"{name}:test")
+        assert (validation.split, test.split) == ("validation", "test")
+        assert [t.dataset_path for t in test.tasks] == [f"data/{t}/test.jsonl" for t in test.task_names]
+        assert all(validation.docs(t) != test.docs(t) for t in test.task_names)
+
+
+# ---- defaults and splits ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def split_dir(tmp_path) -> Path:
+    """data/{validation,test}.jsonl with different records, and a suite over them with defaults."""
+    write_jsonl(tmp_path / "data" / "validation.jsonl", make_records(12, seed=3))
+    write_jsonl(tmp_path / "data" / "test.jsonl", make_records(9, seed=4))
+    write_suite(tmp_path, [{"task": "gen", "dataset_path": "data/{split}.jsonl"},
+                           {"task": "loss", "dataset_path": "data/{split}.jsonl", "output_type": "loss", "limit": 5}],
+                split="validation", defaults={"output_type": "generate_until", "doc_to_text": "{{ question }} =",
+                                              "doc_to_target": "answer", "limit": 3})
+    return tmp_path
+
+
+def test_defaults_are_merged_under_every_task_and_its_own_keys_win(split_dir):
+    suite = load_suite(split_dir / "suite.yaml")
+    gen, loss = suite.tasks
+    assert (gen.output_type, gen.limit, gen.doc_to_target) == ("generate_until", 3, "answer")
+    assert (loss.output_type, loss.limit, loss.doc_to_target) == ("loss", 5, "answer")
+
+
+def test_a_split_is_picked_by_the_suite_by_argument_or_by_name(split_dir):
+    path = split_dir / "suite.yaml"
+    default, test = load_suite(path), load_suite(path, split="test")
+    assert default.split == "validation" and len(default.docs("gen")) == 12
+    assert test.split == "test" and len(test.docs("gen")) == 9 and test.tasks[0].dataset_path == "data/test.jsonl"
+    by_name = load_suite(f"{path}:test")
+    assert by_name.split == "test" and by_name.docs("gen") == test.docs("gen")
+    assert load_suite(f"{path}:test", split="test").docs("loss") == test.docs("loss")
+    assert load_suite("zoo-loss:test").split == "test"  # a shipped suite's name too
+
+
+def test_a_search_config_names_the_split_after_its_suite(split_dir, tmp_path_factory, monkeypatch):
+    """`suite: suite.yaml:test` in a config is the config's neighbour on its test split, from anywhere."""
+    from evomerge.config import _resolve_suite
+
+    resolved = _resolve_suite("suite.yaml:test", split_dir)
+    assert resolved == f"{(split_dir / 'suite.yaml').resolve()}:test"
+    assert _resolve_suite("zoo-loss:test", split_dir) == "zoo-loss:test"  # a shipped name stays a name
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
+    assert load_suite(resolved).docs("gen") == load_suite(split_dir / "suite.yaml", split="test").docs("gen")
+
+
+@pytest.mark.parametrize("change, needles", [
+    ({"defaults": {"outptu_type": "loss"}}, ["suite.yaml", "defaults.outptu_type: unknown key"]),
+    ({"defaults": {"task": "x"}}, ["suite.yaml", "defaults.task"]),
+    ({"defaults": ["output_type"]}, ["suite.yaml", "defaults: expected a mapping"]),
+    ({"splt": "test"}, ["suite.yaml", "splt: unknown key"]),
+    ({"split": None}, ["suite.yaml", "holds {split}", "set `split:`"]),
+])
+def test_bad_defaults_and_splits_fail_in_one_line_naming_file_and_key(split_dir, change, needles):
+    raw = yaml.safe_load((split_dir / "suite.yaml").read_text())
+    path = split_dir / "suite.yaml"
+    path.write_text(yaml.safe_dump({**raw, **change}))
+    with pytest.raises(ConfigError) as exc_info:
+        load_suite(path)
+    one_line_error(exc_info, *needles)
+
+
+def test_an_unknown_or_pointless_split_fails_in_one_line(split_dir, data_dir):
+    path = split_dir / "suite.yaml"
+    with pytest.raises(ConfigError) as exc_info:
+        load_suite(path, split="tset")
+    one_line_error(exc_info, "task 'gen'", "data/tset.jsonl", "(split 'tset') does not exist")
+    with pytest.raises(ConfigError) as exc_info:
+        load_suite(f"{path}:test", split="validation")
+    one_line_error(exc_info, "two splits", "'test'", "'validation'")
+    with pytest.raises(ConfigError) as exc_info:  # a suite without {split}: asking for one is a mistake
+        load_suite(write_suite(data_dir / "plain", [task(dataset_path="../data.jsonl")]), split="test")
+    one_line_error(exc_info, "split 'test' asked for", "no dataset_path holds {split}")
+    with pytest.raises(ConfigError, match=r"add/tset.jsonl \(split 'tset'\) does not exist"):
+        load_suite("zoo-loss:tset")
+    with pytest.raises(ConfigError, match="suite zoo-lost:test does not exist"):
+        load_suite("zoo-lost:test")
 
 
 # ---- metrics ------------------------------------------------------------------------------------
@@ -361,11 +443,27 @@ def test_eval_command_prints_table_and_writes_json(model_dir, data_dir):
     assert "'nope'" in result.output
 
 
+def test_eval_command_picks_the_split(model_dir, split_dir):
+    from typer.testing import CliRunner
+
+    from evomerge.cli import app
+
+    out = split_dir / "out.json"
+    result = CliRunner().invoke(app, ["eval", str(model_dir), "--suite", str(split_dir / "suite.yaml"),
+                                      "--split", "test", "--limit", "2", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(out.read_text())
+    assert payload["split"] == "test" and payload["tasks"]["loss"]["n"] == 2
+    result = CliRunner().invoke(app, ["eval", str(model_dir), "--suite", str(split_dir / "suite.yaml"),
+                                      "--split", "tset"])
+    assert result.exit_code == 2 and "(split 'tset') does not exist" in result.output
+
+
 # ---- the demo zoo's suites ----------------------------------------------------------------------
 
 
 def test_zoo_suites_reproduce_the_zoo_scores(tiny_zoo):
-    """zoo-loss = the zoo's val_loss (answer tokens), zoo-generate-test = its greedy test_acc."""
+    """zoo-loss = the zoo's val_loss (answer tokens), zoo-generate:test = its greedy test_acc."""
     zoo = tiny_zoo
     from evomerge.backends.hf import HFBackend
 
@@ -373,7 +471,7 @@ def test_zoo_suites_reproduce_the_zoo_scores(tiny_zoo):
     expected = json.loads((zoo / "scores.json").read_text())["scores"]["base"]
     backend = HFBackend(zoo / "base", batch_size=64, num_threads=1)
     loss = evaluate(load_suite(root / "zoo-loss.yaml"), backend).scores
-    accuracy = evaluate(load_suite(root / "zoo-generate-test.yaml"), backend).scores
+    accuracy = evaluate(load_suite(root / "zoo-generate.yaml", split="test"), backend).scores
     for task, scores in expected.items():
         assert -loss[task] == pytest.approx(scores["val_loss"], abs=1e-3), task
         assert accuracy[task] == pytest.approx(scores["test_acc"], abs=1e-9), task

@@ -24,8 +24,8 @@ the command can be re-run after an interruption and only does what is missing):
      dense delta-Ws (lora_merge dense, as mergekit would).
    Every search optimizes the validation loss suite (evaluators/zoo-loss.yaml: mean answer-token
    cross-entropy, + the preset's L1 term); its pick is the run's lowest objective (Run.best).
-3. every picked recipe is scored on the held-out test split: evaluators/zoo-loss-test.yaml
-   (score = -CE per task, higher is better) and evaluators/zoo-generate-test.yaml (greedy exact
+3. every picked recipe is scored on the held-out test split: zoo-loss:test (evaluators/zoo-loss.yaml
+   on its test split; score = -CE per task, higher is better) and zoo-generate:test (greedy exact
    match per task);
 4. writes OUT/study.md (tables), OUT/study.json (everything, with per-run seconds), and plots:
    the full method's score-over-evaluations and Pareto front (seed 0, per pool), and the
@@ -52,8 +52,8 @@ from evomerge.recipe import Recipe  # noqa: E402
 from evomerge.run import REFERENCES, Run  # noqa: E402
 
 VAL_SUITE = REPO / "evaluators" / "zoo-loss.yaml"
-TEST_LOSS_SUITE = REPO / "evaluators" / "zoo-loss-test.yaml"
-TEST_GEN_SUITE = REPO / "evaluators" / "zoo-generate-test.yaml"
+TEST_LOSS_SUITE = f"{VAL_SUITE}:test"  # the same suite on its held-out test split
+TEST_GEN_SUITE = f"{REPO / 'evaluators' / 'zoo-generate.yaml'}:test"
 BACKEND = {"name": "hf", "batch_size": 64}
 POOLS = {"full": "pool-full.yaml", "lora": "pool-lora.yaml"}
 FAMILIES = {"task_arithmetic": "task arithmetic", "ties": "TIES", "dare_ties": "DARE-TIES",
@@ -312,8 +312,8 @@ def write_markdown(out: Path, results: dict[str, Any], plots: dict[str, list[str
         f" (`evaluators/zoo-loss.yaml`), seeds 0..{meta['seeds'] - 1}; its pick is the run's lowest"
         " objective (validation mean CE + the preset's L1 term). Classic families tuned on validation:"
         " best point of the `classic` grid per family (budget = that family's grid points). Test columns:"
-        " `evaluators/zoo-loss-test.yaml` (-CE per answer token, higher is better) and"
-        " `evaluators/zoo-generate-test.yaml` (greedy exact match). Searched rows: mean ± sample std over"
+        " `zoo-loss:test` (-CE per answer token, higher is better) and"
+        " `zoo-generate:test` (greedy exact match), the test split of each suite. Searched rows: mean ± sample std over"
         " seeds; the others are deterministic (one value). `val objective` = -(val mean score) + L1 term"
         " as the search saw it; `val mean -CE` = the validation loss suite re-scored in-process.",
         "",
