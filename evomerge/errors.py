@@ -4,6 +4,7 @@ Every error a user can cause (bad config, bad pool, bad data) is raised as an Ev
 CLI prints its message on one line and exits non-zero; tracebacks only with EVOMERGE_DEBUG=1.
 """
 
+import difflib
 import re
 
 
@@ -17,6 +18,13 @@ class PoolError(EvomergeError):
 
 class ConfigError(EvomergeError):
     """A config, recipe, suite or search space is malformed."""
+
+
+def did_you_mean(word: str, choices, n: int = 1) -> str:
+    """" did you mean 'x'?" (or "'x' or 'y'") for the closest of `choices`, else "": the hint every
+    unknown-name error carries, written after a semicolon."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=n)
+    return f" did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
 def validation_message(error, limit: int = 1) -> str:

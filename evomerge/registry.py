@@ -6,11 +6,10 @@ strings (so vllm is imported only when asked for), and an unknown name gets a di
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from typing import Generic, Iterator, TypeVar
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, did_you_mean
 
 T = TypeVar("T")
 
@@ -46,9 +45,7 @@ class Registry(Generic[T]):
         return entry  # type: ignore[return-value]
 
     def unknown_message(self, name: str) -> str:
-        close = difflib.get_close_matches(name, self._entries, n=1)
-        hint = f" did you mean {close[0]!r}?" if close else ""
-        return f"unknown {self.kind} {name!r};{hint} available: {', '.join(sorted(self._entries))}"
+        return f"unknown {self.kind} {name!r};{did_you_mean(name, self._entries)} available: {', '.join(sorted(self._entries))}"
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries

@@ -32,8 +32,8 @@ import numpy as np
 
 from evomerge.config import SearchConfig
 from evomerge.errors import EvomergeError
-from evomerge.optimizers import backend_of, merge_optimizer_config, optimizer_from_config
-from evomerge.provider import is_remote, pool_info
+from evomerge.optimizers import Bounds, SearchContext, build_optimizer, merge_optimizer_config
+from evomerge.poolkinds import pool_kind
 from evomerge.recipe import Recipe
 from evomerge.run import CHECKPOINT, EVALUATIONS, LEGACY_CHECKPOINT, REFERENCES, STATUS, Evaluation, Run
 from evomerge.workerpool import WorkerPool
@@ -82,22 +82,13 @@ class Search:
     optimizer); `execute(run)` then runs or continues the search in that run directory."""
 
     def __init__(self, config: SearchConfig):
-        from evomerge.config import open_pool
         from evomerge.searchspace import load_space
 
         self.config = config
-        self.provider_info: dict[str, Any] | None = None
-        if is_remote(config.pool):  # the provider has the weights; it tells what the space needs
-            self.provider_info = pool_info(config.pool)
-            self.expert_names, n_layers = self.provider_info["experts"], self.provider_info["n_layers"]
-        else:
-            pool = open_pool(config.pool).validate(check_values=True)  # a NaN expert: one line now, not a failed budget
-            self.expert_names, n_layers = pool.names, pool.n_layers()
-            if config.objective is None:
-                from evomerge.worker import check_backend
-
-                check_backend(config.backend)  # e.g. openai: no weights to swap, refused before any work
-        self.space = load_space(config.space, experts=self.expert_names, n_layers=n_layers)
+        info = pool_kind(config.pool).info(config)  # the pool checked (or its provider asked) up front
+        self.provider_info, self.pool_tasks = info.provider, info.tasks
+        self.expert_names = info.experts
+        self.space = load_space(config.space, experts=self.expert_names, n_layers=info.n_layers)
         if config.suite is not None:
             from evomerge.evaluator import load_suite
 
@@ -171,20 +162,13 @@ class Search:
 
     def _make_optimizer(self, stage_space, state: State, n_objectives: int | None = None):
         options = merge_optimizer_config(stage_space.optimizer_hints, self.config.optimizer)
-        if backend_of(options) is None:
-            options["type"] = "cmaes"
-        if options.get("points") == "classic":
-            from evomerge.baselines import classic_grid
-
-            options["points"] = classic_grid(stage_space)
-        if backend_of(options) in ("nevergrad", "random"):
-            options.setdefault("budget", self.stage_budget(state.stage))
-        if backend_of(options) == "nevergrad":
-            options.setdefault("num_workers", self.config.workers.count)
         if n_objectives is None:
             n_objectives = len(self._task_names()) if self.config.multi_objective else 1
-        optimizer = optimizer_from_config(options, dim=stage_space.dim, lower=stage_space.lower, upper=stage_space.upper,
-                                          x0=stage_space.x0, seed=self.config.seed + state.stage, n_objectives=n_objectives)
+        bounds = Bounds(lower=stage_space.lower, upper=stage_space.upper, x0=stage_space.x0)
+        context = SearchContext(budget=self.stage_budget(state.stage), workers=self.config.workers.count,
+                                space=stage_space)
+        optimizer = build_optimizer(options, bounds, context, seed=self.config.seed + state.stage,
+                                    n_objectives=n_objectives)
         if state.optimizer is not None:
             optimizer.load_state_dict(state.optimizer)
         return optimizer
@@ -290,8 +274,8 @@ class Search:
                                 f"candidate {wrong[0]}; delete {CHECKPOINT} to rebuild the run's state from {EVALUATIONS}")
 
     def _task_names(self) -> list[str]:
-        if self.provider_info and self.provider_info["tasks"]:
-            return sorted(self.provider_info["tasks"])
+        if self.pool_tasks:
+            return self.pool_tasks
         references = self.run.read_json(REFERENCES) or {}
         scored = [r["scores"] for r in references.values() if r.get("scores")]
         if scored:

@@ -26,7 +26,6 @@ norms) get the recipe's own ``experts`` values, which are the mean of each exper
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from evomerge.errors import ConfigError, validation_message
+from evomerge.errors import ConfigError, did_you_mean, validation_message
 from evomerge.shipped import shipped_dir
 
 PRESETS_DIR = shipped_dir("searchspaces")
@@ -321,10 +320,8 @@ class SearchSpace:
         declaring = self._declaring(param)
         if not declaring:
             known = sorted({p.name for m in self._method_objs for p in m.parameters})
-            close = difflib.get_close_matches(param, known, n=1)
-            hint = f" did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"{self.where}: genes.{param}: merge method {'|'.join(self.methods)} has no parameter"
-                              f" {param!r};{hint} it takes: {', '.join(known)}")
+                              f" {param!r};{did_you_mean(param, known)} it takes: {', '.join(known)}")
         return declaring
 
     def _constants(self) -> dict[str, float | bool]:
@@ -481,9 +478,8 @@ def _read_spec(space: str | Path, depth: int = 0) -> tuple[dict[str, Any], str]:
     if not text.endswith((".yaml", ".yml")) and "/" not in text:
         path = PRESETS_DIR / f"{text}.yaml"
         if not path.is_file():
-            close = difflib.get_close_matches(text, presets(), n=1)
-            hint = f" did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown search space {text!r};{hint} presets: {', '.join(presets())} (or a .yaml path)")
+            raise ConfigError(f"unknown search space {text!r};{did_you_mean(text, presets())} presets: "
+                              f"{', '.join(presets())} (or a .yaml path)")
     if not path.is_file():
         raise ConfigError(f"{path}: no such search space file")
     data = load_yaml_text(path.read_text(), str(path))

@@ -349,3 +349,18 @@ def test_merge_optimizer_config_keeps_hints_of_the_same_backend_only():
     ng_hints = {"type": "nevergrad", "name": "NGOpt"}
     assert merge_optimizer_config(ng_hints, {"name": "TwoPointsDE"}) == {"type": "nevergrad", "name": "TwoPointsDE"}
     assert merge_optimizer_config(ng_hints, {"type": "cmaes"}) == {"type": "cmaes"}
+
+
+def test_a_stage_builds_its_optimizer_from_bounds_and_context():
+    """What a backend takes from the search (nevergrad: budget and workers; random: budget) is the
+    backend's to say; a config's own value wins; a config naming no backend gets CMA-ES."""
+    from evomerge.optimizers import Bounds, SearchContext, build_optimizer
+
+    p = problem()
+    bounds = Bounds(lower=p["lower"], upper=p["upper"], x0=p["x0"])
+    context = SearchContext(budget=30, workers=3)
+    ng = build_optimizer({"type": "nevergrad", "name": "TwoPointsDE"}, bounds, context, seed=1)
+    assert (ng.budget, ng.num_workers) == (30, 3)
+    assert build_optimizer({"type": "nevergrad", "budget": 7}, bounds, context, seed=1).budget == 7
+    assert build_optimizer({"type": "random"}, bounds, context, seed=1).budget == 30
+    assert build_optimizer({"sigma0": 0.1}, bounds, context, seed=1).name == "cmaes"

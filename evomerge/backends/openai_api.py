@@ -14,13 +14,12 @@
 from __future__ import annotations
 
 import asyncio
-import difflib
 import os
 from typing import Any, Optional
 from urllib.parse import urlparse
 
 from evomerge.backends import Backend
-from evomerge.errors import EvomergeError, redact
+from evomerge.errors import EvomergeError, did_you_mean, redact
 
 
 def normalize_base_url(url: str) -> str:
@@ -166,11 +165,8 @@ class OpenAIBackend(Backend):
                 raise EvomergeError(f"endpoint {self.base_url} lists no models; name one with --model")
             return ids[0]
         if ids and self.model not in ids:
-            close = difflib.get_close_matches(self.model, ids, n=1)
-            hint = f" did you mean {close[0]!r}?" if close else ""
-            raise EvomergeError(
-                f"endpoint {self.base_url} does not serve model {self.model!r};{hint} available: {', '.join(ids[:10])}"
-            )
+            raise EvomergeError(f"endpoint {self.base_url} does not serve model {self.model!r};"
+                                f"{did_you_mean(self.model, ids)} available: {', '.join(ids[:10])}")
         return self.model
 
     def check(self, output_types: set[str]) -> None:

@@ -10,12 +10,11 @@ Backends are registered lazily ("module:attr"), so nevergrad is imported only wh
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from typing import Any, Mapping
 
-from evomerge.errors import ConfigError
-from evomerge.optimizers.base import Candidate, Optimizer
+from evomerge.errors import ConfigError, did_you_mean
+from evomerge.optimizers.base import Bounds, Candidate, Optimizer, SearchContext
 from evomerge.registry import Registry
 
 OPTIMIZERS: Registry[type[Optimizer]] = Registry("optimizer")
@@ -35,11 +34,8 @@ def make_optimizer(kind: str, /, **kwargs: Any) -> Optimizer:
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", *_PROBLEM)]
     for key in kwargs:
         if key not in _PROBLEM and key not in accepted:
-            close = difflib.get_close_matches(key, accepted, n=1)
-            hint = f" did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(
-                f"optimizer {kind!r} has no option {key!r};{hint} options: {', '.join(accepted) or 'none'}"
-            )
+            raise ConfigError(f"optimizer {kind!r} has no option {key!r};{did_you_mean(key, accepted)} "
+                              f"options: {', '.join(accepted) or 'none'}")
     return cls(**kwargs)
 
 
@@ -47,6 +43,29 @@ def optimizer_from_config(config: Mapping[str, Any], /, **problem: Any) -> Optim
     """From a config mapping: the backend under ``type`` (or under ``name`` when there is no
     ``type``), the rest its options. For nevergrad, ``name`` is nevergrad's optimizer:
     ``{"type": "nevergrad", "name": "NGOpt", "budget": 400}``."""
+    kind, options = _kind_and_options(config)
+    return make_optimizer(kind, **options, **problem)
+
+
+DEFAULT_OPTIMIZER = "cmaes"  # what a config that names no backend gets
+
+
+def build_optimizer(config: Mapping[str, Any], bounds: Bounds, context: SearchContext, *, seed: int,
+                    n_objectives: int = 1) -> Optimizer:
+    """The optimizer a search stage runs: the config's backend (DEFAULT_OPTIMIZER when it names
+    none) on the stage's bounds, with what the backend takes from the search's context (a budget,
+    the number of workers, points derived from the space) filled in by the backend itself
+    (`Optimizer.options_from_context`) unless the config sets it."""
+    config = dict(config)
+    if backend_of(config) is None:
+        config["type"] = DEFAULT_OPTIMIZER
+    kind, options = _kind_and_options(config)
+    options = OPTIMIZERS.get(kind).options_from_context(options, context)
+    return make_optimizer(kind, **options, dim=bounds.dim, lower=bounds.lower, upper=bounds.upper, x0=bounds.x0,
+                          seed=seed, n_objectives=n_objectives)
+
+
+def _kind_and_options(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     options = dict(config)
     if "type" in options:
         kind = options.pop("type")
@@ -57,7 +76,7 @@ def optimizer_from_config(config: Mapping[str, Any], /, **problem: Any) -> Optim
     if kind not in OPTIMIZERS and "type" not in config:
         msg = OPTIMIZERS.unknown_message(str(kind))
         raise ConfigError(f"{msg} (for a nevergrad optimizer write `type: nevergrad, name: {kind}`)")
-    return make_optimizer(kind, **options, **problem)
+    return str(kind), options
 
 
 def backend_of(config: Mapping[str, Any]) -> str | None:
@@ -82,6 +101,6 @@ def merge_optimizer_config(hints: Mapping[str, Any], user: Mapping[str, Any]) ->
 
 
 __all__ = [
-    "OPTIMIZERS", "Candidate", "Optimizer", "backend_of", "make_optimizer", "merge_optimizer_config",
-    "optimizer_from_config",
+    "DEFAULT_OPTIMIZER", "OPTIMIZERS", "Bounds", "Candidate", "Optimizer", "SearchContext", "backend_of",
+    "build_optimizer", "make_optimizer", "merge_optimizer_config", "optimizer_from_config",
 ]

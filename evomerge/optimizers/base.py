@@ -38,6 +38,29 @@ STATE_FORMAT = 2  # 1 was a pickle (evomerge <= 0.x): refused
 
 
 @dataclass(frozen=True, eq=False)
+class Bounds:
+    """The box a stage searches, and where it starts."""
+
+    lower: np.ndarray
+    upper: np.ndarray
+    x0: np.ndarray
+
+    @property
+    def dim(self) -> int:
+        return len(self.lower)
+
+
+@dataclass(frozen=True)
+class SearchContext:
+    """What a search tells its optimizer besides the bounds: the stage's budget, how many
+    candidates run at once, and the stage's search space (presets derive points from it)."""
+
+    budget: int
+    workers: int = 1
+    space: Any = None
+
+
+@dataclass(frozen=True, eq=False)
 class Candidate:
     """One proposal: a stable id and a point inside the bounds."""
 
@@ -243,6 +266,12 @@ class Optimizer(ABC):
         if not isinstance(loss, (list, tuple, np.ndarray)) or len(loss) != self.n_objectives:
             raise ValueError(f"tell: candidate {cid} needs a list of {self.n_objectives} losses, got {loss!r}")
         return [float(v) for v in loss]
+
+    @classmethod
+    def options_from_context(cls, options: dict[str, Any], context: SearchContext) -> dict[str, Any]:
+        """The options a search gives this backend, from its context, where the config left them
+        unset (nevergrad's budget and num_workers, a grid's points...). Default: none."""
+        return options
 
     @abstractmethod
     def _ask(self, n: int) -> list[Candidate]: ...

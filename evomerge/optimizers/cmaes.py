@@ -22,13 +22,12 @@ Multi-objective: scalarized by ``weights`` (default the mean). Non-finite losses
 
 from __future__ import annotations
 
-import difflib
 from typing import Any, Sequence
 
 import cma
 import numpy as np
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, did_you_mean
 from evomerge.optimizers.base import Candidate, GlobalNumpyRNG, Optimizer, finite_or
 
 
@@ -73,9 +72,8 @@ class CMAES(Optimizer):
             opts["popsize"] = int(popsize)
         for key in cma_options or {}:
             if key not in cma.CMAOptions():
-                close = difflib.get_close_matches(key, list(cma.CMAOptions()), n=1)
-                hint = f" did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(f"optimizer 'cmaes': cma_options.{key} is not a pycma option;{hint} see cma.CMAOptions()")
+                raise ConfigError(f"optimizer 'cmaes': cma_options.{key} is not a pycma option;"
+                                  f"{did_you_mean(key, cma.CMAOptions())} see cma.CMAOptions()")
         opts.update(cma_options or {})
         self._rng = GlobalNumpyRNG(self.seed)
         with self._rng:

@@ -17,6 +17,15 @@ from evomerge.optimizers.base import Candidate, Optimizer
 class Grid(Optimizer):
     name = "grid"
 
+    @classmethod
+    def options_from_context(cls, options, context):
+        """`points: classic`: the fixed-recipe baselines of the stage's space (evomerge.baselines)."""
+        if options.get("points") == "classic":
+            from evomerge.baselines import classic_grid
+
+            options = {**options, "points": classic_grid(context.space)}
+        return options
+
     def __init__(
         self,
         dim: int,

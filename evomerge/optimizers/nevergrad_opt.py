@@ -23,14 +23,13 @@ far + 1 + |worst|), or 1e12 before any finite one.
 from __future__ import annotations
 
 import builtins
-import difflib
 import math
 from typing import Any, Sequence
 
 import nevergrad as ng
 import numpy as np
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, did_you_mean
 from evomerge.optimizers.base import Candidate, GlobalNumpyRNG, Optimizer
 
 
@@ -52,6 +51,12 @@ _patch_metamodel()
 class Nevergrad(Optimizer):
     name = "nevergrad"
 
+    @classmethod
+    def options_from_context(cls, options, context):
+        """nevergrad plans for its budget (NGOpt picks an algorithm from it) and for how many
+        candidates are out at once."""
+        return {"budget": context.budget, "num_workers": context.workers, **options}
+
     def __init__(
         self,
         dim: int,
@@ -71,8 +76,7 @@ class Nevergrad(Optimizer):
         flight at once; ``weights``: only for ``best`` with several objectives."""
         super().__init__(dim, lower, upper, x0, seed, n_objectives, weights)
         if name not in ng.optimizers.registry:
-            close = difflib.get_close_matches(name, list(ng.optimizers.registry), n=3)
-            hint = f" did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            hint = did_you_mean(name, ng.optimizers.registry, n=3)
             raise ConfigError(
                 f"unknown nevergrad optimizer {name!r};{hint} see nevergrad.optimizers.registry"
                 " (e.g. NGOpt, TwoPointsDE, DE, PSO, OnePlusOne, CMA)"

@@ -18,6 +18,11 @@ from evomerge.optimizers.base import Candidate, Optimizer
 class RandomSearch(Optimizer):
     name = "random"
 
+    @classmethod
+    def options_from_context(cls, options, context):
+        """It is done (asks nothing more) once the stage's budget is drawn."""
+        return {"budget": context.budget, **options}
+
     def __init__(
         self,
         dim: int,
