@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from evomerge.errors import ConfigError, EvomergeError
-from evomerge.methods import get_method, lowrank_lora_merge, topmag
+from evomerge.methods import METHODS, get_method, lowrank_lora_merge
 from evomerge.pool import LoraFactors, Pool, all_finite
 from evomerge.recipe import Recipe, TensorPlan
 
@@ -38,8 +38,6 @@ SHARD_BYTES = 2 * 1024**3
 # Tensors merged at once by iter_merged: most merge ops (topk above all) run on one core per
 # tensor, so two tensors in flight keep two cores busy; memory grows with this, not the pool.
 MERGE_THREADS = min(2, os.cpu_count() or 1)
-# Methods whose merge is a*base + sum_t c_t tau_t: the resident merger does them in one pass.
-LINEAR_IN_DELTAS = ("linear", "task_arithmetic")
 
 
 def resolve_dtype(name: str | None, default: torch.dtype) -> torch.dtype:
@@ -70,8 +68,10 @@ def check_recipe(recipe: Recipe, pool: Pool) -> None:
     if recipe.lora_merge == "lowrank":
         if pool.kinds != {"lora"}:
             raise ConfigError("lora_merge: lowrank needs a pool of LoRA adapters only")
-        if recipe.method != "evo_merging":
-            raise ConfigError(f"lora_merge: lowrank is defined for method evo_merging, not {recipe.method}")
+        if method.lora_rule != "sparsify_a":
+            raise ConfigError(f"lora_merge: lowrank is defined for methods that sparsify only LoRA's A "
+                              f"({', '.join(m for m in METHODS if METHODS.get(m).lora_rule == 'sparsify_a')}), "
+                              f"not {recipe.method}")
     _check_plan(method, _plan_with(recipe, []))  # the recipe's own values: the method's message as it is
     for index, override in enumerate(recipe.overrides):  # each override over them, whatever it matches
         with _prefixed(f"recipe overrides[{index}]: "):
@@ -148,8 +148,9 @@ class TensorSource:
     def base(self, name: str) -> torch.Tensor:
         return self.pool.base_tensor(name).to(self.device, torch.float32)
 
-    def topmag_deltas(self, experts, name, deltas, densities):
-        """Evo-Merging's TopMag inputs; a streamed merge lets the method sparsify as it goes."""
+    def presparsified(self, experts, name, deltas, densities, sparsify):
+        """The inputs of a method that declares `presparsify`; a streamed merge lets the method
+        sparsify as it goes (ResidentSource keeps the masks between candidates instead)."""
         return deltas, densities
 
     def delta(self, expert: str, name: str, base: torch.Tensor) -> torch.Tensor | None:
@@ -173,22 +174,23 @@ def merge_tensor(recipe: Recipe, name: str, source: TensorSource) -> torch.Tenso
     plan = recipe.plan(name)
     experts = list(recipe.experts)
     base = source.base(name)
-    if source.pool.kinds == {"lora"} and recipe.method == "evo_merging":
-        return _merge_lora_evo(recipe, name, source, base, experts, plan)
+    method = get_method(recipe.method)
+    if source.pool.kinds == {"lora"} and method.lora_rule == "sparsify_a":
+        return _merge_lora_sparsified_a(recipe, method, name, source, base, experts, plan)
     deltas = [source.delta(expert, name, base) for expert in experts]
     if all(delta is None for delta in deltas):
         return None
     deltas = [torch.zeros_like(base) if delta is None else delta for delta in deltas]
     densities = list(plan.densities)
-    if recipe.method == "evo_merging":
-        deltas, densities = source.topmag_deltas(experts, name, deltas, densities)
+    if method.presparsify is not None:
+        deltas, densities = source.presparsified(experts, name, deltas, densities, method.presparsify)
     generator = tensor_generator(recipe.seed, name, source.device)
-    return get_method(recipe.method).merge(base, deltas, list(plan.weights), densities,
-                                           dict(plan.parameters), generator)
+    return method.merge(base, deltas, list(plan.weights), densities, dict(plan.parameters), generator)
 
 
-def _merge_lora_evo(recipe, name, source, base, experts, plan) -> torch.Tensor | None:
-    """Evo-Merging on LoRA factors: only A is sparsified (asymmetric sparsification).
+def _merge_lora_sparsified_a(recipe, method, name, source, base, experts, plan) -> torch.Tensor | None:
+    """A method of LoRA rule "sparsify_a" (Evo-Merging) on LoRA factors: only A is sparsified
+    (asymmetric sparsification), by the method's own sparsifier.
 
     lowrank: A = sum w_i TopMag(A_i), B = sum w_i s_i B_i, delta = B A (cross terms included).
     dense:   delta = sum w_i s_i B_i TopMag(A_i).
@@ -202,7 +204,7 @@ def _merge_lora_evo(recipe, name, source, base, experts, plan) -> torch.Tensor |
         return base + B @ A
     delta = torch.zeros_like(base)
     for f, weight, density in used:
-        delta += (weight * f.scaling) * (f.B @ topmag(f.A, density))
+        delta += (weight * f.scaling) * (f.B @ method.presparsify(f.A, density))
     return base + delta
 
 
@@ -423,7 +425,7 @@ class ResidentSource(TensorSource):
         self._stacked: dict[str, torch.Tensor] = {}
         self._deltas: dict[tuple[str, str], torch.Tensor] = {}
         self._factors: dict[tuple[str, str], LoraFactors] = {}
-        self._topmag: dict[tuple[str, str], tuple[float, torch.Tensor]] = {}
+        self._masks: dict[tuple[str, str], tuple[Callable, float, torch.Tensor]] = {}  # see presparsified
         for name in pool.tensor_names():
             if not pool.touched(name):
                 continue
@@ -451,22 +453,24 @@ class ResidentSource(TensorSource):
     def factors(self, expert: str, name: str) -> LoraFactors | None:
         return self._factors.get((expert, name))
 
-    def topmag_deltas(self, experts, name, deltas, densities):
-        """TopMag(tau, density) from a memo of the last density per (expert, tensor): Evo-Merging's
-        stage 2 fixes the densities, so its candidates re-merge without re-sorting any tensor.
-        The sparsified task vector at density 1 keeps every entry, so the method gets densities 1."""
+    def presparsified(self, experts, name, deltas, densities, sparsify):
+        """sparsify(tau, density) from a memo of the last (sparsifier, density) per (expert, tensor),
+        kept as a bool mask (a quarter of a float32 copy, counted in `nbytes`): Evo-Merging's stage 2
+        fixes the densities, so its candidates re-merge without re-sorting any tensor. A sparsified
+        task vector keeps all of itself at density 1, so the method then gets densities 1."""
         sparsified = []
         for expert, delta, density in zip(experts, deltas, densities):
             key = (expert, name)
-            memo = self._topmag.get(key)
-            if memo is None or memo[0] != density:
-                memo = self._topmag[key] = (density, topmag(delta, density))
-            sparsified.append(memo[1])
+            memo = self._masks.get(key)
+            if memo is None or memo[0] is not sparsify or memo[1] != density:
+                memo = self._masks[key] = (sparsify, density, sparsify(delta, density) != 0)
+            sparsified.append(torch.where(memo[2], delta, 0.0))
         return sparsified, [1.0] * len(sparsified)
 
     def held(self) -> list[torch.Tensor]:
         """Every resident tensor once (a delta is a view into its stack)."""
         held = list(self._base.values()) + list(self._stacked.values())
+        held += [mask for _, _, mask in self._masks.values()]
         return held + [t for f in self._factors.values() for t in (f.A, f.B)]
 
     def nbytes(self) -> int:
@@ -486,7 +490,7 @@ class _LinearPlan:
 
     @staticmethod
     def applies(recipe: Recipe, source: ResidentSource) -> bool:
-        return recipe.method in LINEAR_IN_DELTAS and all(expert in source.full for expert in recipe.experts)
+        return get_method(recipe.method).linear is not None and all(expert in source.full for expert in recipe.experts)
 
     def coefficients(self, name: str) -> tuple[float, torch.Tensor]:
         if self.shared is not None:
@@ -502,23 +506,10 @@ class _LinearPlan:
         self.method.merge(one, [one] * len(plan.weights), list(plan.weights), list(plan.densities),
                           dict(plan.parameters), torch.Generator().manual_seed(0))
         params = self.method._globals(dict(plan.parameters))
-        weights = [float(w) for w in plan.weights]
-        signed, absolute = sum(weights), sum(abs(w) for w in weights)
-        if self.recipe.method == "linear":  # sum_t w_t (base + tau_t) / divisor
-            divisor = absolute if params["normalize_abs"] else signed if params["normalize"] else 1.0
-            scale = 1.0 / divisor if divisor else float("nan")  # all-zero |w|: NaN, as 0/0 would be
-            base_scale = signed * scale
-        else:  # task_arithmetic: base + lambda * sum_t w_t tau_t / divisor
-            if params["normalize_abs"]:
-                divisor = absolute if absolute != 0 else 1.0
-            elif params["normalize"]:
-                divisor = signed if abs(signed) > 1e-8 else 1.0
-            else:
-                divisor = 1.0
-            scale, base_scale = params["lambda"] / divisor, 1.0
+        base_scale, scales = self.method.linear([float(w) for w in plan.weights], params)
         c = torch.zeros(len(self.source.full), dtype=torch.float32)
-        for position, weight in zip(self.position, weights):
-            c[position] += weight * scale
+        for position, scale in zip(self.position, scales):
+            c[position] += scale
         return base_scale, c.to(self.source.device)
 
     def merge(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -534,7 +525,7 @@ class ResidentMerger:
 
     `apply(recipe, model)` writes the merge into a live torch model's parameters in place, so an
     inference engine built around that model scores the new candidate without a reload.
-    Methods linear in the task vectors (linear, task_arithmetic) are one matrix-vector product
+    Methods that declare themselves linear in the task vectors (linear, task_arithmetic) are one matrix-vector product
     per tensor over the stacked task vectors, written straight into float32 parameters.
     """
 

@@ -249,6 +249,51 @@ def test_resident_evo_merging_memo_follows_the_densities(full_pool):
             assert torch.equal(live[name], tensor), (densities, name)
 
 
+def test_the_resident_memo_holds_masks_and_counts_them(full_pool):
+    """The memo of a presparsifying method (Evo-Merging) keeps one bool mask per expert and tensor,
+    a quarter of a float32 copy, and the resident memory it reports includes them."""
+    spec, pool = full_pool
+    model = AutoModelForCausalLM.from_pretrained(spec["base"])
+    merger = ResidentMerger(pool)
+    before = merger.source.nbytes()
+    merger.apply(recipe("evo_merging", weights=(0.5, -0.3, 0.8), densities=(0.6, 0.3, 0.9)), model)
+    touched = [name for name in pool.tensor_names() if pool.touched(name)]
+    entries = sum(merger.source.base(name).numel() for name in touched)
+    assert merger.source.nbytes() - before == entries * len(pool.names)  # one byte per entry and expert
+    merger.apply(recipe("task_arithmetic", weights=(0.5, -0.3, 0.8)), model)  # linear: no memo grows
+    assert merger.source.nbytes() - before == entries * len(pool.names)
+
+
+def test_a_method_is_merged_by_what_it_declares_not_by_its_name(full_pool):
+    """Copies of task_arithmetic and evo_merging under new names take the same resident paths (the
+    one-pass linear merge; the presparsifier's memo) and equal the originals' merges: no method name
+    is special-cased in materialize."""
+    import dataclasses
+
+    from evomerge.materialize import _LinearPlan
+    from evomerge.methods import METHODS, get_method
+
+    spec, pool = full_pool
+    model = AutoModelForCausalLM.from_pretrained(spec["base"])
+    copies = {"ta_copy": ("task_arithmetic", (1.0, 1.0, 1.0)), "evo_copy": ("evo_merging", (0.6, 0.3, 0.9))}
+    for name, (original, _) in copies.items():
+        METHODS.register(name, dataclasses.replace(get_method(original), name=name))
+    try:
+        merger = ResidentMerger(pool)
+        for name, (original, densities) in copies.items():
+            r = recipe(name, densities=densities)
+            assert _LinearPlan.applies(r, merger.source) == (original == "task_arithmetic")
+            merger.apply(r, model)
+            live = model.state_dict()
+            for tensor_name, tensor in merge_state_dict(recipe(original, densities=densities), pool).items():
+                # the one-pass merge sums in another order than the streamed one: equal to float32 rounding
+                torch.testing.assert_close(live[tensor_name], tensor, atol=1e-6, rtol=0, msg=f"{name} {tensor_name}")
+        assert merger.source._masks, "the presparsifying copy was not memoized"
+    finally:
+        for name in copies:
+            METHODS._entries.pop(name, None)
+
+
 def save_tokenizer(path: Path) -> None:
     """A real (word-level) tokenizer over the synthetic models' 64-token vocabulary."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -8,7 +8,6 @@ declarations; nothing else keeps a table of method names and parameters.
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -16,7 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from evomerge.errors import ConfigError, PoolError
+from evomerge.errors import ConfigError, PoolError, did_you_mean
 from evomerge.registry import Registry
 
 @dataclass(frozen=True)
@@ -44,6 +43,18 @@ class MergeMethod:
     min_experts: int = 1
     max_experts: int | None = None
     check: Callable[[list[float], list[float], dict[str, Any]], None] | None = field(default=None, repr=False)
+    # What materialize needs to know about the method's structure, declared rather than looked up
+    # by name. `presparsify`: a deterministic per-expert sparsifier (tensor, density -> tensor) the
+    # method applies to each task vector before combining them with no other use of the density:
+    # the method then gives the same merge on pre-sparsified task vectors at density 1, so a
+    # resident source keeps each sparsifier's mask between candidates instead of re-sorting.
+    presparsify: Callable[[Tensor, float], Tensor] | None = field(default=None, repr=False)
+    # `linear`: the merge is base_scale * base + sum_t c_t tau_t, (base_scale, [c_t]) from the
+    # weights and the parameters: a resident merge is then one matrix-vector product per tensor.
+    linear: Callable[[list[float], dict[str, Any]], tuple[float, list[float]]] | None = field(default=None, repr=False)
+    # `lora_rule`: how the method treats LoRA factors. "sparsify_a": only A is sparsified
+    # (presparsify on A; B is kept), so a low-rank merge B @ A of the same rule exists.
+    lora_rule: str | None = None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.parameters if p.name == name), None)
@@ -118,9 +129,8 @@ class MergeMethod:
     def _unknown_param(self, key: str, known: dict[str, Param]) -> str:
         if self.param(key) is not None:  # a per-expert parameter passed as a global one
             return f"merge method {self.name!r}: {key!r} is per expert; pass it in the {key}s list"
-        close = difflib.get_close_matches(key, [p.name for p in self.parameters], n=1)
-        hint = f" did you mean {close[0]!r}?" if close else ""
-        return f"unknown parameter {key!r} for merge method {self.name!r};{hint} takes: {', '.join(p.name for p in self.parameters)}"
+        names = [p.name for p in self.parameters]
+        return f"unknown parameter {key!r} for merge method {self.name!r};{did_you_mean(key, names)} takes: {', '.join(names)}"
 
 
 def _check_domain(method: str, label: str, value: float, spec: Param) -> None:

@@ -27,6 +27,14 @@ def _check_linear(weights: list[float], densities: list[float], params: dict[str
         raise ConfigError("linear: the weights sum to 0, so normalize would divide by 0; set normalize: false")
 
 
+def _linear_coefficients(weights: list[float], params: dict[str, Any]) -> tuple[float, list[float]]:
+    """sum_t w_t (base + tau_t) / divisor = (sum_t w_t / divisor) base + sum_t (w_t / divisor) tau_t."""
+    signed, absolute = sum(weights), sum(abs(w) for w in weights)
+    divisor = absolute if params["normalize_abs"] else signed if params["normalize"] else 1.0
+    scale = 1.0 / divisor if divisor else float("nan")  # all-zero |w|: NaN, as 0/0 would be
+    return signed * scale, [w * scale for w in weights]
+
+
 def _slerp(base, deltas, *, weights, densities, params, generator) -> Tensor:
     """Spherical interpolation from theta0 (t=0) to theta0 + tau (t=1) on the whole tensor, as mergekit:
     lerp when the normalized dot product has |cos| > 0.9995 (or either tensor is ~0)."""
@@ -74,6 +82,7 @@ register(
         mergekit_name="linear",
         doc="sum_t w_t theta_t over the experts (not the base), divided by sum_t w_t when normalize",
         check=_check_linear,
+        linear=_linear_coefficients,
     )
 )
 register(

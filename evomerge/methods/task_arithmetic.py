@@ -19,7 +19,7 @@ from evomerge.errors import ConfigError
 from evomerge.methods.base import (
     DENSITY, LAMBDA, NORMALIZE_ABS, RESCALE_UNBIASED, WEIGHT, MergeMethod, Param, _normalize, register,
 )
-from evomerge.methods.sparsify import _Kept, _sparsify_kept, _topmag_kept
+from evomerge.methods.sparsify import _Kept, _sparsify_kept, _topmag_kept, topmag
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,19 @@ def _consensus(base, deltas, *, weights, densities, params, generator) -> Tensor
 
 
 
+def _task_arithmetic_coefficients(weights: list[float], params: dict[str, Any]) -> tuple[float, list[float]]:
+    """base + lambda * sum_t w_t tau_t / divisor (the divisor as _divisor takes it for one entry)."""
+    signed, absolute = sum(weights), sum(abs(w) for w in weights)
+    if params["normalize_abs"]:
+        divisor = absolute if absolute != 0 else 1.0
+    elif params["normalize"]:
+        divisor = signed if abs(signed) > 1e-8 else 1.0
+    else:
+        divisor = 1.0
+    scale = params["lambda"] / divisor
+    return 1.0, [w * scale for w in weights]
+
+
 def _evo_merging(base, deltas, *, weights, densities, params, generator) -> Tensor:
     """Evo-Merging on full task vectors: theta0 + sum_t w_t TopMag(tau_t, d_t); no normalization,
     negative weights flip an expert's sign."""
@@ -154,6 +167,7 @@ for _name, (_kind, _elect_sign, _norm, _resc, _extra, _doc) in _TA_FAMILY.items(
             mergekit_name=_name,
             doc=_doc,
             check=_check_della if _kind == "della" else None,
+            linear=_task_arithmetic_coefficients if _kind is None and not _elect_sign else None,
         )
     )
 
@@ -179,5 +193,7 @@ register(
         random=False,
         mergekit_name=None,
         doc="Evo-Merging: theta0 + sum_t w_t TopMag(tau_t, d_t), exact top-k, no rescale or normalization",
+        presparsify=topmag,
+        lora_rule="sparsify_a",
     )
 )
