@@ -18,9 +18,10 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from evomerge.errors import ConfigError, redact, validation_message
+from evomerge.schema import Strict
 from evomerge.pool import Pool
 from evomerge.poolkinds import kind_of_spec, pool_kind
 from evomerge.recipe import Recipe, is_mergekit_config, load_yaml_file, recipe_from_mergekit
@@ -113,11 +114,7 @@ def open_pool(spec: dict[str, Any]) -> Pool:
 # ---- search config ----------------------------------------------------------------------------
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class WorkersConfig(_Strict):
+class WorkersConfig(Strict):
     count: int = Field(1, ge=1, description="Ray actors; one per GPU on cuda, N on cpu")
     device: str = "cpu"
     threads: int | None = Field(None, description="torch threads per CPU worker (default: cores / count)")
@@ -142,7 +139,7 @@ def _resolve_suite(suite: str, relative_to: Path) -> str:
     return str(path.resolve())
 
 
-class SearchConfig(_Strict):
+class SearchConfig(Strict):
     """A run config. Paths are relative to the config file; `config.yaml` in the run dir holds them resolved."""
 
     name: str | None = None

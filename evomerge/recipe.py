@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from evomerge.errors import ConfigError, validation_message
+from evomerge.schema import Frozen
 
 MODULE_FILTERS = {
     # Llama/Mistral/Qwen naming; a filter that is not one of these keys is a regex on tensor names.
@@ -32,16 +33,12 @@ MODULE_FILTERS = {
 LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class ExpertParams(_Frozen):
+class ExpertParams(Frozen):
     weight: float = 1.0
     density: float = 1.0
 
 
-class ExpertOverride(_Frozen):
+class ExpertOverride(Frozen):
     """Per-expert values an override replaces; None keeps the recipe's value."""
 
     weight: float | None = None
@@ -51,7 +48,7 @@ class ExpertOverride(_Frozen):
         return params.model_copy(update={k: v for k, v in self.model_dump().items() if v is not None})
 
 
-class Override(_Frozen):
+class Override(Frozen):
     """Parameters that replace the recipe's own for the tensors this override matches.
 
     `layers` is a half-open range [start, end) of decoder layer indices (tensors outside the
@@ -95,7 +92,7 @@ class TensorPlan(BaseModel):
     parameters: dict[str, float | bool]
 
 
-class Recipe(_Frozen):
+class Recipe(Frozen):
     method: str
     experts: dict[str, ExpertParams]
     parameters: dict[str, float | bool] = Field(default_factory=dict)

@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from evomerge.errors import ConfigError, did_you_mean, validation_message
+from evomerge.schema import Frozen
 from evomerge.shipped import shipped_dir
 
 PRESETS_DIR = shipped_dir("searchspaces")
@@ -46,11 +47,7 @@ METHOD_GENE = "method"
 Value = float | bool | str  # a str is the expression "1/N" (N = number of experts) or a method name
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class GeneSpec(_Strict):
+class GeneSpec(Frozen):
     """A searched parameter: bounds and a starting value."""
 
     low: float
@@ -58,7 +55,7 @@ class GeneSpec(_Strict):
     init: float | str = Field(description='starting value; "1/N" = one over the number of experts')
 
 
-class StageSpec(_Strict):
+class StageSpec(Frozen):
     name: str | None = None
     search: list[str] = Field(description="the parameters this stage searches (gene names in `genes`, or `method`)")
     fixed: dict[str, Value] = Field(default_factory=dict, description="values for other parameters in this stage")
@@ -67,7 +64,7 @@ class StageSpec(_Strict):
     optimizer: dict[str, Any] | None = Field(None, description="optimizer hints (default: the space's)")
 
 
-class SpaceSpec(_Strict):
+class SpaceSpec(Frozen):
     """The YAML of a search space (one file in searchspaces/)."""
 
     description: str = ""
