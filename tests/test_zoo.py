@@ -10,7 +10,7 @@ import yaml
 
 from evomerge.errors import EvomergeError
 from evomerge.zoo import LORA_TARGETS, build_tokenizer, build_zoo, check_mergeable, encode, score
-from evomerge.zoo_tasks import N_EVAL, TASKS, eval_splits, stale_data, train_records
+from evomerge.zoo.tasks import N_EVAL, TASKS, eval_splits, stale_data, train_records
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_committed_data_matches_generator():
     stale = stale_data(REPO / "evaluators" / "data")
-    assert not stale, f"regenerate with `python -m evomerge.zoo_tasks evaluators/data`: {stale}"
+    assert not stale, f"regenerate with `python -m evomerge.zoo.tasks evaluators/data`: {stale}"
 
 
 def test_splits_are_distinct_and_training_data_is_held_out():

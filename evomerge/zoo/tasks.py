@@ -13,7 +13,7 @@ full line (the training text is question + answer + "\\n" + eos). The tokenizer 
 character-level: the boundary between question and answer is always a token boundary.
 
 The validation and test splits are fixed (seed DATA_SEED, N_EVAL records each) and committed under
-evaluators/data/<task>/{validation,test}.jsonl; `python -m evomerge.zoo_tasks evaluators/data`
+evaluators/data/<task>/{validation,test}.jsonl; `python -m evomerge.zoo.tasks evaluators/data`
 writes them again and `--check` compares. Training records come from `train_records`, which never
 yields a question of those splits.
 """
@@ -147,7 +147,7 @@ def stale_data(root: Path) -> list[Path]:
     return stale
 
 
-if __name__ == "__main__":  # python -m evomerge.zoo_tasks evaluators/data [--check]
+if __name__ == "__main__":  # python -m evomerge.zoo.tasks evaluators/data [--check]
     args = sys.argv[1:]
     target = Path(next((a for a in args if not a.startswith("-")), "evaluators/data"))
     if "--check" in args:
