@@ -8,7 +8,8 @@ filter when the space asks for it), global ones (lambda, gamma, epsilon, k, t, n
 gene each; a list of methods adds a categorical gene ``method`` encoded as a float in [0, k).
 Gene bounds outside the method's domain are a ConfigError naming the gene.
 
-A space is a YAML spec (``searchspaces/*.yaml``, see ``SpaceSpec``), loaded by ``load_space``.
+A space is a YAML spec (``searchspaces/*.yaml``, see ``SpaceSpec`` in ``evomerge.spacespec``),
+loaded by ``load_space``.
 Specs may have stages (Evo-Merging: densities first, then weights with the best densities fixed):
 ``space.stage(i, fixed_from=best_recipe)`` is the space of stage i, whose genes outside that
 stage's ``search`` are fixed (stage ``fixed:`` values first, then ``fixed_from``'s values, then
@@ -33,50 +34,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, ValidationError
 
-from evomerge.errors import ConfigError, did_you_mean, validation_message
-from evomerge.schema import Frozen
-from evomerge.shipped import shipped_dir
+from evomerge.errors import ConfigError, did_you_mean
+from evomerge.spacespec import PRESETS_DIR, GeneSpec, SpaceSpec, StageSpec, Value, load_spec, presets
 
-PRESETS_DIR = shipped_dir("searchspaces")
+# the spec's names (evomerge/spacespec.py) stay importable from here, as before
+__all__ = ["SearchSpace", "Gene", "load_space", "EXPERT_PARAMS", "MODULE_LABELS", "METHOD_GENE",
+           "SpaceSpec", "GeneSpec", "StageSpec", "Value", "PRESETS_DIR", "presets"]
+
 EXPERT_PARAMS = ("weight", "density")  # the per-expert fields a Recipe holds (ExpertParams)
 MODULE_LABELS = {"attention": "attn", "mlp": "mlp"}
 METHOD_GENE = "method"
-
-Value = float | bool | str  # a str is the expression "1/N" (N = number of experts) or a method name
-
-
-class GeneSpec(Frozen):
-    """A searched parameter: bounds and a starting value."""
-
-    low: float
-    high: float
-    init: float | str = Field(description='starting value; "1/N" = one over the number of experts')
-
-
-class StageSpec(Frozen):
-    name: str | None = None
-    search: list[str] = Field(description="the parameters this stage searches (gene names in `genes`, or `method`)")
-    fixed: dict[str, Value] = Field(default_factory=dict, description="values for other parameters in this stage")
-    l1: float | None = Field(None, ge=0, description="L1 penalty weight (default: the space's `l1`)")
-    budget_fraction: float = Field(1.0, gt=0, description="share of the run's budget (normalized over stages)")
-    optimizer: dict[str, Any] | None = Field(None, description="optimizer hints (default: the space's)")
-
-
-class SpaceSpec(Frozen):
-    """The YAML of a search space (one file in searchspaces/)."""
-
-    description: str = ""
-    method: str | list[str] = Field(description="a merge method, or a list to choose among (categorical gene)")
-    genes: dict[str, GeneSpec | Value] = Field(description="per parameter: {low, high, init} to search, or a fixed value")
-    layer_groups: int | Literal["per_layer"] = Field(1, description="genes per layer group (G divides the layers)")
-    modules: list[Literal["attention", "mlp"]] | None = Field(None, description="genes per module filter")
-    l1: float = Field(0.0, ge=0, description="objective += l1 * mean |gene| over the searched float genes")
-    optimizer: dict[str, Any] = Field(default_factory=dict, description="optimizer hints, e.g. {type: cmaes, sigma0: 0.05}")
-    stages: list[StageSpec] | None = None
-    lora_merge: Literal["dense", "lowrank"] = "dense"
-    seed: int = Field(0, description="the recipes' seed (random masks of dare/della)")
 
 
 @dataclass(frozen=True)
@@ -430,12 +398,6 @@ def _get_method(name: str, where: str):
         raise ConfigError(f"{where}: {e}") from None
 
 
-# ---- presets ----------------------------------------------------------------------------------
-
-def presets() -> list[str]:
-    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
-
-
 def load_space(
     space: str | Path | dict[str, Any],
     experts: list[str],
@@ -445,42 +407,5 @@ def load_space(
     """A preset name (``searchspaces/NAME.yaml``), a YAML path, or a spec dict. A spec (file or
     dict) may start from another with ``preset: NAME``: its top-level keys replace the preset's.
     ``overrides`` replace top-level keys last (e.g. ``layer_groups=4``, ``lora_merge="lowrank"``)."""
-    if isinstance(space, dict):
-        data, where = _resolve(dict(space), "search space")
-    else:
-        data, where = _read_spec(space)
-    data.update(overrides)
-    try:
-        spec = SpaceSpec.model_validate(data)
-    except ValidationError as error:
-        raise ConfigError(f"{where}: {validation_message(error)}") from None
+    spec, where = load_spec(space, **overrides)
     return SearchSpace(spec, experts, n_layers, where)
-
-
-def _resolve(data: dict[str, Any], where: str, depth: int = 0) -> tuple[dict[str, Any], str]:
-    base = data.pop("preset", None)
-    if base is None:
-        return data, where
-    if depth > 8:
-        raise ConfigError(f"{where}: `preset:` chain too deep (a cycle?)")
-    parent, parent_where = _read_spec(base, depth + 1)
-    return {**parent, **data}, (where if where != "search space" else f"search space (from {parent_where})")
-
-
-def _read_spec(space: str | Path, depth: int = 0) -> tuple[dict[str, Any], str]:
-    from evomerge.recipe import load_yaml_text
-
-    text = str(space)
-    path = Path(text)
-    if not text.endswith((".yaml", ".yml")) and "/" not in text:
-        path = PRESETS_DIR / f"{text}.yaml"
-        if not path.is_file():
-            raise ConfigError(f"unknown search space {text!r};{did_you_mean(text, presets())} presets: "
-                              f"{', '.join(presets())} (or a .yaml path)")
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such search space file")
-    data = load_yaml_text(path.read_text(), str(path))
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a search space is a mapping (method, genes, stages, ...)")
-    where = f"searchspaces/{path.name}" if path.parent == PRESETS_DIR else str(path)
-    return _resolve(data, where, depth)
