@@ -51,6 +51,26 @@ def test_search_on_the_zoo_then_show_and_export(tiny_zoo, tmp_path, pool, space)
     else:
         assert (tmp_path / "export" / "model.safetensors").is_file()
         assert (tmp_path / "export" / "tokenizer.json").is_file()
+        _export_picks_the_candidate_that_was_scored(run, tmp_path)
+
+
+def _export_picks_the_candidate_that_was_scored(run: Run, tmp_path: Path) -> None:
+    """`export --pick ID` writes that candidate (not the best), and the model it writes scores what
+    the search recorded for it; an id the run does not have is one line."""
+    from evomerge.backends.hf import HFBackend
+    from evomerge.evaluator import evaluate, load_suite
+
+    best = min((e for e in run.evaluations() if e.ok), key=lambda e: e.objective)
+    other = next(e for e in run.evaluations() if e.ok and e.id != best.id)
+    exported = run_cli("export", str(run.path), "--pick", str(other.id), "-o", str(tmp_path / "picked"))
+    assert exported.returncode == 0 and f"exported {other.id}" in exported.stdout + exported.stderr, exported.stderr
+    scored = evaluate(load_suite(REPO / "evaluators" / "zoo-loss.yaml"),
+                      HFBackend(tmp_path / "picked", batch_size=64, num_threads=1)).scores
+    assert scored == pytest.approx(other.scores, rel=1e-4)
+    assert scored != pytest.approx(best.scores, rel=1e-4)
+    missing = run_cli("export", str(run.path), "--pick", "4242", "-o", str(tmp_path / "none"))
+    assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0, missing.stderr
+    assert "4242" in missing.stderr and not (tmp_path / "none").exists()
 
 
 def test_nan_candidate_on_a_real_merge_is_a_failed_result(tiny_zoo):
