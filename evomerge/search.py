@@ -179,6 +179,7 @@ class Search:
             state.fixed = min(stage_done, key=lambda e: e.objective).recipe
         state.stage += 1
         state.optimizer, state.in_flight, state.told, state.asked = None, {}, 0, 0
+        self._early_failures = []  # a stage that breaks (its genes make every merge fail) stops too
         self.run.save_checkpoint(state.__dict__)
 
     def _run_stage(self, state: State) -> None:
@@ -301,8 +302,9 @@ class Search:
 
     def _stop_if_broken(self, result: dict[str, Any], state: State) -> None:
         """A broken setup (a field every record lacks, an endpoint that is down, a model that does
-        not load) fails every candidate the same way: when this session's first K results all
-        failed with one reason, stop with it instead of spending the rest of the budget on it."""
+        not load) fails every candidate the same way: when this session's or this stage's first K
+        results all failed with one reason, stop with it instead of spending the rest of the budget
+        on it (a stage's own genes can break every merge where the stage before worked)."""
         failures = self._early_failures
         later = range(state.stage + 1, self.space.n_stages)
         left = self.stage_budget(state.stage) - state.told + sum(self.stage_budget(s) for s in later)
@@ -316,7 +318,11 @@ class Search:
         if len(failures) >= k:
             self._early_failures = None
             if len(set(failures)) == 1:
-                raise EvomergeError(f"stopped: the first {k} candidates all failed with the same reason: "
+                stage = ""
+                if self.space.n_stages > 1:
+                    name = self.space.stages[state.stage].name
+                    stage = f" in stage {state.stage + 1} of {self.space.n_stages}" + (f" ({name})" if name else "")
+                raise EvomergeError(f"stopped: the first {k} candidates{stage} all failed with the same reason: "
                                     f"{result.get('reason', '')[:300]} (fix that, then `evomerge resume {self.run.path}`)")
 
     def _score_references(self) -> None:

@@ -46,3 +46,12 @@ def needs_environment(recipe: Recipe) -> dict[str, float]:
     if not os.environ.get("EVOMERGE_TEST_SEEN_BY_WORKERS"):
         raise RuntimeError("EVOMERGE_TEST_SEEN_BY_WORKERS is not set in this worker")
     return quadratic(recipe)
+
+
+def fails_unless_weights_equal(recipe: Recipe) -> dict[str, float]:
+    """Like quadratic while the weights are all equal (evo-merging's stage 1 fixes them at 1/N);
+    a candidate of stage 2, which searches them, raises: a stage whose own genes break the merge."""
+    weights = {round(p.weight, 9) for p in recipe.experts.values()}
+    if len(weights) > 1:
+        raise ValueError("merged weights hold NaN/Inf with unequal expert weights")
+    return quadratic(recipe)

@@ -400,3 +400,24 @@ def test_a_search_refused_after_ray_started_leaves_no_cluster_for_the_next_one(t
     monkeypatch.setenv("EVOMERGE_TEST_SEEN_BY_WORKERS", "set after the refused search")
     run = search(config.model_copy(update={"objective": "tests.objectives:needs_environment"}), tmp_path / "next")
     assert all(e.ok for e in run.evaluations())
+
+
+def test_a_stage_whose_every_candidate_fails_stops_the_search_there(tmp_path, pool_spec):
+    """Stage 1 works; every merge of stage 2 fails alike: the search stops after that stage's first
+    few results, saying which stage and why, instead of spending stage 2's budget; stage 1's
+    results stay, and `show` still has the best of them."""
+    path = write_config(tmp_path / "s.yaml", pool_spec, space="evo-merging", budget=30, references=False,
+                        objective="tests.objectives:fails_unless_weights_equal", workers={"count": 1},
+                        optimizer={"type": "cmaes", "popsize": 4})
+    done = evomerge("search", str(path), "--run-dir", str(tmp_path / "run"), timeout=240)
+    assert done.returncode == 2, done.stderr
+    line = last_line(done.stderr)
+    assert "the first 3 candidates in stage 2 of 2 (scaling) all failed with the same reason" in line, line
+    assert "unequal expert weights" in line, line
+    run = Run(tmp_path / "run")
+    first, second = [e for e in run.evaluations() if e.stage == 0], [e for e in run.evaluations() if e.stage == 1]
+    assert len(first) == 10 and all(e.ok for e in first)  # a third of 30: the stage that worked, all kept
+    assert len(second) == 3 and not any(e.ok for e in second)  # not stage 2's 20
+    assert raw_status(run.path)["state"] == "failed"
+    shown = evomerge("show", str(run.path))
+    assert shown.returncode == 0 and "best candidates" in shown.stdout, shown.stderr
