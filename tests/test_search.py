@@ -92,11 +92,16 @@ def test_existing_run_dir_is_refused_with_the_fix(tmp_path, pool_spec):
     ({"pool": {"base": "/nonexistent/base", "experts": {"a": "/nonexistent/a"}}}, "no such model directory"),
 ])
 def test_bad_config_is_one_clear_line(tmp_path, pool_spec, overrides, message):
+    """In process (the CLI's own entry, its own error handling; no interpreter start per case)."""
+    from typer.testing import CliRunner
+
+    from evomerge.cli import app
+
     path = write_config(tmp_path / "s.yaml", pool_spec, **overrides)
-    done = subprocess.run([sys.executable, "-m", "evomerge.cli", "search", str(path), "--run-dir", str(tmp_path / "r")],
-                          capture_output=True, text=True)
-    assert done.returncode == 2
+    done = CliRunner().invoke(app, ["search", str(path), "--run-dir", str(tmp_path / "r")])
+    assert done.exit_code == 2, done.output
     assert message in done.stderr and done.stderr.strip().count("\n") == 0, done.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def start_search(config: Path, run_dir: Path, delay: float) -> subprocess.Popen:
