@@ -57,19 +57,19 @@ class State:
     optimizer: dict[str, Any] | None = None  # Optimizer.state_dict(): plain data
     fixed: dict[str, Any] | None = None  # the recipe earlier stages settled on
     in_flight: dict[int, InFlight] = field(default_factory=dict)
-    told: int = 0  # evaluations told in this stage
-    asked: int = 0  # candidates asked in this stage
+    # how many of this stage's candidates were asked and told is the optimizer's (n_asked, n_told,
+    # replayed from its journal): kept once, not here as well
     logged: int = 0  # evaluations in the log (all stages) when this was written
     last_id: int | None = None  # the id of the last of them: the log and the checkpoint must agree
 
     @classmethod
     def from_data(cls, data: dict[str, Any], where: Path) -> "State":
         """From checkpoint.json's data; anything malformed is one line naming the file."""
-        data = {k: v for k, v in data.items() if k != "format"}
+        data = {k: v for k, v in data.items() if k not in ("format", "told", "asked")}  # told/asked: older checkpoints kept them
         try:
             in_flight = {int(k): InFlight(**v) for k, v in (data.pop("in_flight", None) or {}).items()}
             state = cls(**data, in_flight=in_flight)
-            if not all(isinstance(v, int) for v in (state.stage, state.told, state.asked, state.logged)):
+            if not all(isinstance(v, int) for v in (state.stage, state.logged)):
                 raise TypeError("stage and the counts must be integers")
         except (TypeError, ValueError, AttributeError) as error:
             raise EvomergeError(f"{where} is not a checkpoint this evomerge wrote ({error}); delete it to "
@@ -178,7 +178,7 @@ class Search:
         if stage_done:
             state.fixed = min(stage_done, key=lambda e: e.objective).recipe
         state.stage += 1
-        state.optimizer, state.in_flight, state.told, state.asked = None, {}, 0, 0
+        state.optimizer, state.in_flight = None, {}
         self._early_failures = []  # a stage that breaks (its genes make every merge fail) stops too
         self.run.save_checkpoint(state.__dict__)
 
@@ -188,7 +188,7 @@ class Search:
         budget = self.stage_budget(state.stage)
         self._tell_logged_in_flight(state, optimizer, space)
         rerun = collections.deque(state.in_flight.values())
-        while state.told < budget:
+        while optimizer.n_told < budget:
             self._fill_workers(state, optimizer, space, rerun, budget)
             if not self.pool.busy:
                 break  # the optimizer has nothing more to propose (e.g. a grid is exhausted)
@@ -197,19 +197,18 @@ class Search:
                     rerun.append(candidate)
                     continue
                 self._record(state, optimizer, space, candidate, result)
-                self._stop_if_broken(result, state)
+                self._stop_if_broken(result, state, optimizer.n_told)
 
     # ---- dispatch -----------------------------------------------------------------------------
     def _fill_workers(self, state, optimizer, space, rerun, budget) -> None:
         for index in self.pool.idle():
             if rerun:
                 candidate = rerun.popleft()
-            elif state.asked < budget:
+            elif optimizer.n_proposed < budget:
                 asked = optimizer.ask(1)
                 if not asked:
                     return  # a generational optimizer waits for this generation's results
                 candidate = InFlight(state.stage * STAGE_OFFSET + asked[0].id, asked[0].x.tolist())
-                state.asked += 1
             else:
                 return
             state.in_flight[candidate.id] = candidate
@@ -249,7 +248,6 @@ class Search:
             loss = [-evaluation.scores[t] if evaluation.ok else self.config.failure_objective for t in tasks]
         optimizer.tell([(candidate_id, loss)])
         state.in_flight.pop(evaluation.id, None)
-        state.told += 1
         if save:
             state.optimizer = optimizer.state_dict()
             self.run.save_checkpoint(state.__dict__)
@@ -300,14 +298,14 @@ class Search:
     def _stop_workers(self) -> None:
         self.pool.stop()
 
-    def _stop_if_broken(self, result: dict[str, Any], state: State) -> None:
+    def _stop_if_broken(self, result: dict[str, Any], state: State, told: int) -> None:
         """A broken setup (a field every record lacks, an endpoint that is down, a model that does
         not load) fails every candidate the same way: when this session's or this stage's first K
         results all failed with one reason, stop with it instead of spending the rest of the budget
         on it (a stage's own genes can break every merge where the stage before worked)."""
         failures = self._early_failures
         later = range(state.stage + 1, self.space.n_stages)
-        left = self.stage_budget(state.stage) - state.told + sum(self.stage_budget(s) for s in later)
+        left = self.stage_budget(state.stage) - told + sum(self.stage_budget(s) for s in later)
         if failures is None or left <= 0:
             return
         if result.get("status") == "ok":
@@ -390,10 +388,9 @@ class Search:
         budget, offset = self.stage_budget(state.stage), state.stage * STAGE_OFFSET
 
         def ask() -> bool:
-            asked = optimizer.ask(1) if state.asked < budget else []
+            asked = optimizer.ask(1) if optimizer.n_proposed < budget else []
             for candidate in asked:
                 state.in_flight[offset + candidate.id] = InFlight(offset + candidate.id, candidate.x.tolist())
-                state.asked += 1
             return bool(asked)
 
         for evaluation in (e for e in log if e.stage == state.stage):

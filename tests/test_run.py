@@ -337,3 +337,18 @@ def test_log_ahead_of_the_checkpoint_is_told_from_the_log_never_evaluated_again(
     resume(run_dir)
     assert f"{CHECKPOINT} does not match" in capfd.readouterr().err
     assert_same_as(run_dir, reference)
+
+
+def test_a_checkpoint_that_still_counts_asks_and_tells_resumes_exactly(tmp_path, reference, capfd):
+    """Checkpoints written before the counts were left to the optimizer held `told` and `asked`
+    as well: such a run resumes as any other, with nothing rebuilt and nothing evaluated twice."""
+    run_dir = stopped_copy(reference, tmp_path / "run", 11)
+    data = json.loads((run_dir / CHECKPOINT).read_text())
+    data.update(told=1, asked=1)  # this stage's counts as the old checkpoint kept them
+    (run_dir / CHECKPOINT).write_text(json.dumps(data))
+    before = log_lines(run_dir)
+    capfd.readouterr()  # what making the stopped copy said
+    resume(run_dir)
+    assert "rebuilt" not in capfd.readouterr().err
+    assert log_lines(run_dir)[:11] == before
+    assert_same_as(run_dir, reference)

@@ -243,6 +243,12 @@ class Optimizer(ABC):
         """Candidates asked so far; ids run 0 .. n_asked - 1."""
         return self._next_id
 
+    @property
+    def n_proposed(self) -> int:
+        """Candidates `ask` has handed out (told or still out); a generational backend may have
+        numbered more (n_asked) for the generation it holds back."""
+        return self.n_told + len(self._pending)
+
     # -- helpers for backends -------------------------------------------------------------------
 
     def scalarize(self, loss: Loss) -> float:
