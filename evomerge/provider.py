@@ -203,9 +203,15 @@ class Provider:
         pool = self.worker.pool if objective is None else open_pool(pool_spec)
         tasks = [task.task for task in self.worker.suite.tasks] if objective is None else []
         self.info = {"experts": pool.names, "n_layers": pool.n_layers(),
-                     "suite": Path(suite).stem if suite is not None else str(objective), "tasks": tasks}
+                     "suite": self._suite_name(suite) if objective is None else str(objective), "tasks": tasks}
         self.lock = threading.Lock()
         self.last_seconds = 1.0  # the last evaluation's: a busy provider's Retry-After is estimated from it
+
+    def _suite_name(self, suite: Path | str) -> str:
+        """The suite's name and split ("zoo-loss:test"): a run records it, and its resume refuses a
+        provider that now scores another suite, or the same suite on another split."""
+        name = Path(Path(str(suite)).name.partition(":")[0]).stem  # "dir/zoo-loss.yaml:test" -> "zoo-loss"
+        return f"{name}:{self.worker.suite.split}" if self.worker.suite.split else name
 
     def evaluate(self, recipe: dict[str, Any], wanted: Callable[[], bool] = lambda: True) -> dict[str, Any] | None:
         """The recipe's result; None (nothing run) when `wanted()` says its client has gone while it

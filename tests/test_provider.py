@@ -119,7 +119,7 @@ def test_resume_against_a_provider_serving_something_else_is_refused(provider, t
     monkeypatch.setenv("PROVIDER_TOKEN", TOKEN)
     run = search(load_search_config(write_config(tmp_path / "s.yaml", endpoint, budget=2)), tmp_path / "run")
     served = json.loads((run.path / "provider.json").read_text())
-    assert served["experts"] == ["add", "reverse", "upper", "next"] and served["suite"] == "zoo-loss"
+    assert served["experts"] == ["add", "reverse", "upper", "next"] and served["suite"] == "zoo-loss:validation"
     # as if the run had stopped early and the provider had meanwhile swapped its pool
     (run.path / "provider.json").write_text(json.dumps({**served, "experts": ["a", "b", "c", "d"]}))
     Run(run.path).set_status("stopped")
@@ -172,6 +172,18 @@ def test_a_queued_request_whose_client_has_gone_is_skipped(tiny_zoo):
     recipe = {"method": "linear", "experts": {"add": {"weight": 1.0}}}
     assert provider.evaluate(recipe, wanted=lambda: False) is None  # nothing run for a client that left
     assert provider.evaluate(recipe)["status"] == "ok"
+
+
+def test_the_provider_names_its_suite_with_the_split(tiny_zoo):
+    """A run records what its provider scores on; the split is part of it, so a resume against a
+    provider restarted on the test split is refused rather than mixing two splits' scores."""
+    from evomerge.config import resolve_pool_spec
+    from evomerge.provider import Provider
+
+    spec = resolve_pool_spec("pool-full.yaml", tiny_zoo, "zoo")
+    names = {Provider(spec, suite, {"name": "hf", "batch_size": 64}, threads=1).info["suite"]
+             for suite in ("zoo-loss", "zoo-loss:test", str(SUITE))}
+    assert names == {"zoo-loss:validation", "zoo-loss:test"}
 
 
 def test_serve_answers_abusive_requests_and_keeps_serving(provider):
