@@ -24,7 +24,8 @@ from evomerge.errors import ConfigError, redact, validation_message
 from evomerge.schema import Strict
 from evomerge.pool import Pool
 from evomerge.poolkinds import kind_of_spec, pool_kind
-from evomerge.recipe import Recipe, is_mergekit_config, load_yaml_file, recipe_from_mergekit
+from evomerge.mergekit_yaml import is_mergekit_config, recipe_from_mergekit
+from evomerge.recipe import Recipe, load_yaml_file
 
 
 def resolve_pool_spec(spec: Any, relative_to: Path, where: str) -> dict[str, Any]:

@@ -102,7 +102,7 @@ class LocalPool(PoolKind):
         import yaml
 
         from evomerge.materialize import write_adapter_dir, write_model_dir
-        from evomerge.recipe import recipe_to_mergekit
+        from evomerge.mergekit_yaml import recipe_to_mergekit
 
         pool = self.open()
         if recipe.lora_merge == "lowrank":

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 from evomerge.config import load_merge_config, open_pool
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.materialize import ResidentMerger, check_recipe, merge_state_dict, write_adapter_dir, write_model_dir
-from evomerge.recipe import Recipe, recipe_to_mergekit
+from evomerge.mergekit_yaml import recipe_to_mergekit
+from evomerge.recipe import Recipe
 from tests.synthetic import make_pool
 
 
