@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from evomerge.errors import EvomergeError
 from evomerge.evaluator import evaluate, load_suite
 from tests.test_evaluator import model_dir  # noqa: F401 - the shared session fixture
 from tests.test_evaluator_zoo import make_records, write_jsonl
+from tests.waiting import wait_until_serving
 
 torch.set_num_threads(1)
 
@@ -243,18 +243,11 @@ def transformers_serve(model_dir, tmp_path_factory):  # noqa: F811
     with log.open("w") as handle:
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"transformers serve exited ({process.returncode}):\n{log.read_text()[-2000:]}")
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            if time.time() > deadline:
-                process.terminate()
-                pytest.fail(f"transformers serve did not answer in 120 s:\n{log.read_text()[-2000:]}")
-            time.sleep(0.5)
+    try:
+        wait_until_serving(process, url, log, 120, "transformers serve")
+    except BaseException:
+        process.terminate()
+        raise
     yield url
     process.terminate()
     try:

@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import pytest
 from evomerge.backends.openai_api import OpenAIBackend
 from evomerge.evaluator import evaluate, load_suite
 from tests.test_evaluator_openai import free_port
+from tests.waiting import wait_until_serving
 from tests.test_evaluator_vllm import HAS_VLLM, TASKS, _agree, _hf, _write_suite, vllm_zoo  # noqa: F401
 
 pytestmark = [pytest.mark.slow,
@@ -43,18 +43,8 @@ def server(vllm_zoo, tmp_path_factory):
     with log.open("w") as handle:
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + START_TIMEOUT_S
     try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the vLLM server exited ({process.returncode}):\n{log.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    pytest.fail(f"the vLLM server did not answer in {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
-                time.sleep(1.0)
+        wait_until_serving(process, url, log, START_TIMEOUT_S, "the vLLM server")
         yield url
     finally:
         process.terminate()
