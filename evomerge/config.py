@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import urllib.parse
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
@@ -36,7 +36,7 @@ def resolve_pool_spec(spec: Any, relative_to: Path, where: str) -> dict[str, Any
     kind = kind_of_spec(spec)
     if kind is None:
         raise ConfigError(f"{where}: pool needs `base: PATH` and `experts: {{NAME: PATH}}` (or a path to a pool "
-                          "YAML, or `endpoint: URL` of a provider)")
+                          "YAML, `endpoint: URL` of a provider, or `models:` of API models to fuse)")
     return kind.resolve(spec, relative_to, where)
 
 
@@ -154,7 +154,11 @@ class SearchConfig(Strict):
     seed: int = 0
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     failure_objective: float = Field(100.0, description="objective recorded for a failed candidate (minimized)")
-    multi_objective: bool = Field(False, description="tell per-task losses to a multi-objective optimizer")
+    multi_objective: bool | Literal["tasks", "cost"] = Field(
+        False, description="tell a multi-objective optimizer per-task losses (true, tasks) or the objective and "
+                           "the serving cost per 1k queries (cost: a fusion pool of API models)")
+    cost_weight: float = Field(0.0, ge=0, description="objective += cost_weight * serving USD per 1k queries "
+                               "(a fusion pool; one run per weight is a scalarized sweep)")
     references: bool = Field(True, description="also score the base and each expert, for comparison")
 
     def resolved(self, relative_to: Path) -> "SearchConfig":
@@ -175,7 +179,20 @@ class SearchConfig(Strict):
             return self
         if self.suite is None and self.objective is None:
             raise ConfigError(f"{where}: give a `suite:` (evaluators/*.yaml) to score candidates on")
+        costed = pool_kind(self.pool).reports_cost
+        if (self.multi_objective == "cost" or self.cost_weight) and not costed:
+            raise ConfigError(f"{where}: {'multi_objective: cost' if self.multi_objective == 'cost' else 'cost_weight'} "
+                              "needs a pool whose answers cost money (`pool: {models: ...}` of API models)")
+        if costed and self.objective is not None:
+            raise ConfigError(f"{where}: a fusion pool is scored on its `suite:`; drop `objective:`")
         return self
+
+    @property
+    def objectives(self) -> str:
+        """What the optimizer is told: "scalar", "tasks" (one loss per task) or "cost" (objective, cost)."""
+        if self.multi_objective == "cost":
+            return "cost"
+        return "tasks" if self.multi_objective else "scalar"
 
 
 # A key whose last word is one of these holds a secret (api_key, hf_token, client_secret, ...); the

@@ -4,11 +4,12 @@
   resident and scores candidates on the config's suite.
 - `remote`: a provider's (`evomerge serve`); the weights stay there, the workers are HTTP clients
   (provider_client.RemoteWorker) and the provider scores on its own suite.
+- `fusion`: API models (evomerge/fusion); a candidate fuses their answers, scored on the config's
+  suite from the run's query cache, with its serving cost per query.
 
-A pool spec says its kind by its keys (`endpoint:` remote, `base:` + `experts:` local). Everything
+A pool spec says its kind by its keys (`endpoint:` remote, `models:` fusion, `base:` + `experts:` local). Everything
 that differs between kinds is a method or a declaration here, so the config, the search, the
-WorkerPool and `export` never ask which kind they hold. A new kind (API models whose outputs are
-fused) is one class and one POOL_KINDS line.
+WorkerPool and `export` never ask which kind they hold. A new kind is one class and one POOL_KINDS line.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class PoolKind:
     keys: ClassVar[frozenset[str]]  # a spec with any of these keys is of this kind
     scores_itself: ClassVar[bool] = False  # scored on the pool's own suite: a config gives none
     uses_devices: ClassVar[bool] = True  # its workers run on workers.device (GPUs are counted for them)
+    reports_cost: ClassVar[bool] = False  # its results carry a serving cost per query (API models)
 
     def __init__(self, spec: dict[str, Any]):
         self.spec = spec
@@ -57,9 +59,15 @@ class PoolKind:
         """The weights, here, to merge (evomerge merge, export, a worker)."""
         raise NotImplementedError
 
-    def new_worker(self, config: "SearchConfig", threads: int, device: str) -> Any:
-        """One Ray actor with the Worker interface (info, evaluate)."""
+    def new_worker(self, config: "SearchConfig", threads: int, device: str, run_dir: Optional[Path] = None) -> Any:
+        """One Ray actor with the Worker interface (info, evaluate); `run_dir` for files it keeps there."""
         raise NotImplementedError
+
+    def references(self, experts: list[str], config: "SearchConfig") -> dict[str, "Recipe"]:
+        """What every candidate is read against: the base (every weight 0) and each expert alone."""
+        from evomerge.baselines import reference_recipes
+
+        return reference_recipes(experts)
 
     def export(self, recipe: "Recipe", output: Path, device: str = "cpu", dtype: Optional[str] = None) -> Path:
         """What `evomerge export` writes for a picked candidate."""
@@ -90,7 +98,7 @@ class LocalPool(PoolKind):
         spec = self.spec
         return Pool(Path(spec["base"]), {name: Path(p) for name, p in spec["experts"].items()}, spec.get("tokenizer"))
 
-    def new_worker(self, config, threads, device):
+    def new_worker(self, config, threads, device, run_dir=None):
         from evomerge.worker import ray_worker_class
 
         return ray_worker_class(config.workers.device).remote(
@@ -139,7 +147,7 @@ class RemotePool(PoolKind):
         raise ConfigError(f"the pool is held by the provider at {self.spec['endpoint']}: its weights are not here "
                           "(ask the provider to export the recipe)")
 
-    def new_worker(self, config, threads, device):
+    def new_worker(self, config, threads, device, run_dir=None):
         import ray
 
         from evomerge.provider_client import RemoteWorker
@@ -161,7 +169,95 @@ class RemotePool(PoolKind):
         return output
 
 
-POOL_KINDS: tuple[type[PoolKind], ...] = (RemotePool, LocalPool)  # the first whose keys a spec has
+class FusionPool(PoolKind):
+    """API models whose answers are fused (evomerge/fusion): a candidate is a fusion recipe."""
+
+    name = "fusion"
+    keys = frozenset({"models"})
+    uses_devices = False  # its workers wait on HTTP
+    reports_cost = True  # each result carries its serving cost (multi_objective: cost)
+
+    @classmethod
+    def resolve(cls, spec, relative_to, where):
+        from evomerge.fusion.spec import resolve_fusion_spec
+
+        return resolve_fusion_spec(spec, where)
+
+    def info(self, config):
+        """Every model asked once (one line per model that cannot be used), and the space's rule
+        checked against what the models give and what the suite asks."""
+        from evomerge.fusion.spec import parse_spec, probe
+
+        found = probe(parse_spec(self.spec))
+        rule = fusion_rule(config)
+        if rule == "log_linear":
+            text_only = [name for name, f in found.items() if not f["logprobs"]]
+            if text_only:
+                raise ConfigError(f"pool: rule log_linear needs echo + logprobs, which {', '.join(text_only)} "
+                                  "does not give (a text-only server): use a space with `method: vote`, or drop it")
+        elif config.suite is not None:
+            from evomerge.evaluator import load_suite
+
+            scored = [t.task for t in load_suite(config.suite).tasks if t.output_type != "generate_until"]
+            if scored:
+                raise ConfigError(f"suite: task {scored[0]!r} needs log-likelihoods, which the vote rule does not give; "
+                                  "score it with generate_until tasks, or use rule log_linear")
+        return PoolInfo(experts=list(self.spec["models"]), n_layers=0)
+
+    def open(self):
+        raise ConfigError("the pool is API models: there are no weights to merge (export writes the fusion)")
+
+    def new_worker(self, config, threads, device, run_dir=None):
+        import ray
+
+        from evomerge.fusion.worker import FusionWorker
+
+        return ray.remote(num_cpus=0)(FusionWorker).remote(self.spec, config.suite, fusion_rule(config),
+                                                           str(run_dir) if run_dir else None)
+
+    def references(self, experts, config):
+        """Each model alone: gate 1, weight 1, temperature 1, no plausibility cut (there is no base)."""
+        from evomerge.recipe import Recipe
+
+        rule = fusion_rule(config)
+        parameters = {"temperature": 1.0, "alpha": 0.0} if rule == "log_linear" else {}
+
+        def alone(name: str) -> "Recipe":
+            return Recipe(method=rule, experts={e: {"weight": float(e == name), "density": float(e == name)}
+                                                for e in experts}, parameters=parameters)
+
+        return {name: alone(name) for name in experts}
+
+    def export(self, recipe, output, device="cpu", dtype=None):
+        """fusion.yaml (what `evomerge fuse` serves: the queried models, their weights and gates) + recipe.yaml."""
+        from evomerge.fusion.serve import fusion_config
+        from evomerge.materialize import check_output_dir, staged_dir
+
+        import yaml
+
+        output = check_output_dir(output)
+        with staged_dir(output) as staging:
+            (staging / "fusion.yaml").write_text(yaml.safe_dump(fusion_config(recipe, self.spec), sort_keys=False))
+            recipe.save(staging / "recipe.yaml")
+        return output
+
+
+def fusion_rule(config: "SearchConfig") -> str:
+    """The one fusion rule a fusion search's space names (log_linear or vote)."""
+    from evomerge.methods import get_method
+    from evomerge.spacespec import load_spec
+
+    spec, where = load_spec(config.space)
+    methods = [spec.method] if isinstance(spec.method, str) else list(spec.method)
+    weights = [m for m in methods if get_method(m).acts_on != "outputs"]
+    if weights or len(methods) != 1:
+        raise ConfigError(f"{where}: a fusion pool of API models is searched with one fusion rule (method: log_linear "
+                          f"or vote; presets fusion, fusion-two-stage, fusion-vote, fusion-routing), not "
+                          f"{', '.join(methods)}")
+    return methods[0]
+
+
+POOL_KINDS: tuple[type[PoolKind], ...] = (RemotePool, FusionPool, LocalPool)  # the first whose keys a spec has
 
 
 def kind_of_spec(spec: Any) -> Optional[type[PoolKind]]:
@@ -175,5 +271,5 @@ def pool_kind(spec: dict[str, Any]) -> PoolKind:
     kind = kind_of_spec(spec)
     if kind is None:
         raise ConfigError(f"pool: not a pool spec ({sorted(spec) if isinstance(spec, dict) else type(spec).__name__}); "
-                          "a pool has `base:` and `experts:`, or `endpoint:` of a provider")
+                          "a pool has `base:` and `experts:`, `endpoint:` of a provider, or `models:` (API models)")
     return kind(spec)

@@ -91,6 +91,12 @@ class Evaluation:
     worker: str = ""
     seconds: dict[str, float] | None = None
     finished_at: float = 0.0
+    cost: dict[str, Any] | None = None  # API models: serving USD per query, what scoring it spent
+
+    @property
+    def serving_per_1k(self) -> float | None:
+        """USD per 1000 queries that serving this candidate would cost (API models only)."""
+        return None if self.cost is None else 1000.0 * self.cost["serving_usd_per_query"]
 
     @property
     def ok(self) -> bool:
@@ -419,11 +425,10 @@ def _dominated(point: np.ndarray, points: np.ndarray) -> bool:
 
 
 def hypervolume(front: np.ndarray, reference: np.ndarray) -> float:
-    """Volume dominated by a maximization front above `reference` (nevergrad's exact indicator)."""
+    """Volume dominated by a maximization front above `reference` (moocore's exact indicator)."""
     if len(front) == 0:
         return 0.0
-    from nevergrad.optimization.multiobjective import HypervolumeIndicator
+    import moocore
 
-    # nevergrad minimizes: negate so that "more is better" becomes "less is better".
-    indicator = HypervolumeIndicator(-reference)
-    return float(indicator.compute([-p for p in front]))
+    return float(moocore.hypervolume(np.asarray(front, dtype=float), ref=np.asarray(reference, dtype=float),
+                                     maximise=True))

@@ -163,7 +163,7 @@ class Search:
     def _make_optimizer(self, stage_space, state: State, n_objectives: int | None = None):
         options = merge_optimizer_config(stage_space.optimizer_hints, self.config.optimizer)
         if n_objectives is None:
-            n_objectives = len(self._task_names()) if self.config.multi_objective else 1
+            n_objectives = {"scalar": 1, "cost": 2}.get(self.config.objectives) or len(self._task_names())
         bounds = Bounds(lower=stage_space.lower, upper=stage_space.upper, x0=stage_space.x0)
         context = SearchContext(budget=self.stage_budget(state.stage), workers=self.config.workers.count,
                                 space=stage_space)
@@ -223,8 +223,11 @@ class Search:
     # ---- recording ----------------------------------------------------------------------------
     def _record(self, state, optimizer, space, candidate: InFlight, result: dict[str, Any]) -> None:
         x = np.asarray(candidate.x)
+        cost = result.get("cost")
         if result["status"] == "ok":
             objective = -result["scalar"] + space.penalty(x)
+            if self.config.cost_weight and cost is not None:
+                objective += self.config.cost_weight * 1000.0 * cost["serving_usd_per_query"]
         else:
             objective = self.config.failure_objective
         evaluation = Evaluation(
@@ -232,7 +235,7 @@ class Search:
             recipe=space.to_recipe(x, seed=self.config.seed).model_dump(mode="json"),
             scores=result.get("scores", {}), objective=objective, status=result["status"],
             reason=result.get("reason", ""), worker=str(result.get("worker", "")), seconds=result.get("seconds"),
-            finished_at=time.time(),
+            finished_at=time.time(), cost=cost,
         )
         self.run.append(evaluation)  # the log first: from here on this result survives a kill
         state.logged, state.last_id = state.logged + 1, evaluation.id
@@ -243,9 +246,11 @@ class Search:
     def _tell(self, state: State, optimizer, evaluation: Evaluation, save: bool = True) -> None:
         candidate_id = evaluation.id - state.stage * STAGE_OFFSET
         loss: float | list[float] = evaluation.objective
-        if self.config.multi_objective:
+        if self.config.objectives == "tasks":
             tasks = self._task_names()
             loss = [-evaluation.scores[t] if evaluation.ok else self.config.failure_objective for t in tasks]
+        elif self.config.objectives == "cost":  # a failure costs nothing to serve but is never worth it
+            loss = [evaluation.objective, evaluation.serving_per_1k if evaluation.ok else self.config.failure_objective]
         optimizer.tell([(candidate_id, loss)])
         state.in_flight.pop(evaluation.id, None)
         if save:
@@ -292,7 +297,7 @@ class Search:
 
     def _start_workers(self) -> None:
         self._early_failures = []
-        pids = self.pool.start()
+        pids = self.pool.start(self.run.path)
         self.run.set_status("running", budget=self.config.budget, workers=pids)
 
     def _stop_workers(self) -> None:
@@ -327,9 +332,7 @@ class Search:
         """The base and each expert, scored on the same suite by the same workers, through the same
         dispatch as candidates: a worker that dies is replaced and its reference run again, and a
         reference that times out or fails is recorded as failed rather than stopping the search."""
-        from evomerge.baselines import reference_recipes
-
-        recipes = reference_recipes(self.expert_names)
+        recipes = self.pool.kind.references(self.expert_names, self.config)
         names = list(recipes)
         jobs = [(InFlight(i, []), recipes[name].model_dump(mode="json")) for i, name in enumerate(names)]
         results = {names[reference.id]: result for reference, result in self.pool.run_all(jobs)}

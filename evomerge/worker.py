@@ -89,11 +89,18 @@ class Worker:
             reason = f"{type(error).__name__}: {error}".splitlines()[0][:500]
             if os.environ.get("EVOMERGE_DEBUG"):
                 traceback.print_exc()
-            return {"status": "failed", "reason": reason, "seconds": {"total": time.perf_counter() - started}}
+            return {"status": "failed", "reason": reason, "seconds": {"total": time.perf_counter() - started},
+                    **self._extras()}
         bad = [task for task, value in scores.items() if not math.isfinite(value)]
         if bad:
-            return {"status": "failed", "reason": f"non-finite score on task {bad[0]}", "scores": {}, "seconds": seconds}
-        return {"status": "ok", "scores": scores, "scalar": scalar, "seconds": seconds, "worker": self.pid}
+            return {"status": "failed", "reason": f"non-finite score on task {bad[0]}", "scores": {}, "seconds": seconds,
+                    **self._extras()}
+        return {"status": "ok", "scores": scores, "scalar": scalar, "seconds": seconds, "worker": self.pid,
+                **self._extras()}
+
+    def _extras(self) -> dict[str, Any]:
+        """What a kind of worker adds to each result (a fusion worker: the candidate's costs)."""
+        return {}
 
     def _score(self, recipe: Recipe, started: float) -> tuple[dict[str, float], float, dict[str, float]]:
         if self.objective is not None:  # a synthetic objective: scores only, mean as the scalar

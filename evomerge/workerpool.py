@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import os
 import time
+from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from evomerge.config import SearchConfig
@@ -33,6 +34,7 @@ class WorkerPool:
         self.workers: list[Any] = []
         self.busy: dict[Any, tuple[int, Any, float]] = {}  # ref -> (worker index, job, dispatched at)
         self._owns_ray = False  # True once start_ray started a private local cluster
+        self.run_dir: Optional[Path] = None  # the run's directory, for workers that keep files there
 
     # ---- the cluster --------------------------------------------------------------------------
     def start_ray(self) -> None:
@@ -59,9 +61,10 @@ class WorkerPool:
             pass
 
     # ---- the workers --------------------------------------------------------------------------
-    def start(self) -> list[int]:
+    def start(self, run_dir: Optional[Path] = None) -> list[int]:
         """Start `workers.count` workers and wait until each has loaded its pool and evaluator
         (bounded; a constructor's error is one line). Returns their process ids."""
+        self.run_dir = run_dir
         self.start_ray()  # first: it sets what Ray reads when it is imported
         import ray
 
@@ -98,7 +101,8 @@ class WorkerPool:
     def _new_worker(self):
         workers = self.config.workers
         threads = workers.threads or max(1, cores() // workers.count)
-        return self.kind.new_worker(self.config, threads=threads, device=device_in_actor(workers.device))
+        return self.kind.new_worker(self.config, threads=threads, device=device_in_actor(workers.device),
+                                    run_dir=self.run_dir)
 
     def _check_resources(self) -> None:
         """A local cluster cannot grow: workers asking for GPUs it lacks would wait forever."""

@@ -23,6 +23,9 @@ def check_recipe(recipe: Recipe, pool: Pool) -> None:
     every override's (one line naming the override's index and key), and every combination of
     overrides a tensor of the pool gets, so that no value outside a method's domain fails mid-merge."""
     method = get_method(recipe.method)
+    if method.acts_on != "weights":
+        raise ConfigError(f"recipe method {recipe.method!r} fuses the answers of API models (a fusion pool: "
+                          "`pool: {models: ...}`); it merges no weights")
     unknown = [name for name in recipe.experts if name not in pool.experts]
     if unknown:
         raise ConfigError(f"recipe names expert {unknown[0]!r}, which is not in the pool ({', '.join(pool.names)})")

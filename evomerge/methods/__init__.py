@@ -16,11 +16,12 @@ The package, one responsibility a module:
   task_arithmetic  the task-arithmetic family (one function under several names), evo_merging, consensus
   interpolation    linear, slerp, model_stock
   lora             the low-rank merge of LoRA factors
+  fusion           the fusion rules over API models' answers (declared here, computed in evomerge/fusion)
 A new method is a function and a `register(MergeMethod(...))` line in one of them (or a new module
 imported here).
 """
 
-from evomerge.methods import interpolation, task_arithmetic  # noqa: F401  (they register their methods)
+from evomerge.methods import fusion, interpolation, task_arithmetic  # noqa: F401  (they register their methods)
 from evomerge.methods.base import EVOMERGE_ONLY_PARAMS, METHODS, MergeMethod, Param, get_method, register
 from evomerge.methods.base import _check_domain  # noqa: F401  (materialize validates overrides with it)
 from evomerge.methods.lora import lowrank_lora_merge

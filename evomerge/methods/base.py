@@ -55,6 +55,9 @@ class MergeMethod:
     # `lora_rule`: how the method treats LoRA factors. "sparsify_a": only A is sparsified
     # (presparsify on A; B is kept), so a low-rank merge B @ A of the same rule exists.
     lora_rule: str | None = None
+    # `acts_on`: "weights" (a merge of tensors, every method of mergekit's kind) or "outputs" (a
+    # fusion rule over API models' answers, evomerge/fusion: it has no tensor function).
+    acts_on: str = "weights"
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.parameters if p.name == name), None)
