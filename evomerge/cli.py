@@ -308,6 +308,29 @@ def export(
 
 @app.command()
 @user_errors
+def fuse(
+    fusion: Path = typer.Argument(..., help="An exported fusion (export -o DIR writes DIR/fusion.yaml)."),
+    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="A prompt to answer; repeat for several."),
+    max_tokens: int = typer.Option(64, "--max-tokens", help="Tokens per answer."),
+    stop: list[str] = typer.Option(["\n"], "--stop", help="Stop strings (repeatable)."),
+):
+    """Answer prompts with a fusion of API models picked by a search (what `export` wrote for it).
+
+    Example:
+      evomerge fuse runs/fusion/export/fusion.yaml --prompt "add 12+34 ="
+    """
+    from evomerge.fusion.serve import fuse as answer
+
+    answers, cost = answer(fusion / "fusion.yaml" if fusion.is_dir() else fusion, prompt, max_tokens, stop)
+    for text in answers:
+        print(text)
+    console.print(f"{cost['calls']} API calls, {cost['prompt_tokens']} prompt + {cost['completion_tokens']} completion "
+                  f"tokens, ${cost['serving_usd']:.4g}" + (f"; {cost['missing']} answers missing" if cost["missing"] else ""),
+                  highlight=False)
+
+
+@app.command()
+@user_errors
 def demo(
     zoo_dir: Path = typer.Option(Path("zoo"), "--zoo", help="Where the demo zoo is (built there if missing)."),
     size: str = typer.Option("small", help="Zoo size: tiny or small."),

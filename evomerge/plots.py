@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evomerge.run import REFERENCES, Run, pareto_front
+from evomerge.run import REFERENCES, Run, cost_front, pareto_front
 
 
 def _pyplot():
@@ -27,7 +27,37 @@ def plot_run(run: Run, out_dir: Path | None = None) -> list[Path]:
     evaluations = [e for e in run.evaluations() if e.ok]
     if not evaluations:
         return []
-    return [plot_progress(run, out_dir / "score_over_evaluations.png"), plot_pareto(run, out_dir / "pareto_front.png")]
+    paths = [plot_progress(run, out_dir / "score_over_evaluations.png"), plot_pareto(run, out_dir / "pareto_front.png")]
+    if any(e.cost is not None for e in evaluations):
+        paths.append(plot_cost_front(run, out_dir / "pareto_score_cost.png"))
+    return paths
+
+
+def plot_cost_front(run: Run, path: Path) -> Path:
+    """Mean task score against serving cost per 1k queries: every candidate, the front, the models alone."""
+    plt = _pyplot()
+    evaluations = [e for e in run.evaluations() if e.ok and e.cost is not None]
+    front = cost_front(evaluations)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter([e.serving_per_1k for e in evaluations], [np.mean(list(e.scores.values())) for e in evaluations],
+               s=8, alpha=0.4, label="candidates")
+    ax.step([p["usd_per_1k"] for p in front["front"]], [p["score"] for p in front["front"]], where="post",
+            color="red", marker="o", markersize=4, label="Pareto front")
+    for name, ref in (run.read_json(REFERENCES) or {}).items():
+        if ref.get("scores") and ref.get("cost"):
+            x, y = 1000.0 * ref["cost"]["serving_usd_per_query"], np.mean(list(ref["scores"].values()))
+            ax.scatter(x, y, marker="x", color="black")
+            ax.annotate(name, (x, y), fontsize=7)
+    ax.set_xlabel("serving cost, USD per 1k queries (lower is better)")
+    ax.set_ylabel("mean task score (higher is better)")
+    reference = front["reference"]
+    ax.set_title(f"{run.path.name}: score vs cost, hypervolume {front['hypervolume']:.3g} (reference: score "
+                 f"{reference['score']:.3f}, ${reference['usd_per_1k']:.3g}/1k)" if reference else run.path.name, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def plot_progress(run: Run, path: Path) -> Path:

@@ -13,7 +13,7 @@ from rich.table import Table
 from evomerge.errors import EvomergeError
 from evomerge.poolkinds import pool_kind
 from evomerge.recipe import Recipe
-from evomerge.run import PARETO, REFERENCES, Evaluation, Run, pareto_front
+from evomerge.run import PARETO, REFERENCES, Evaluation, Run, cost_front, pareto_front
 
 
 def summary_line(run: Run) -> str:
@@ -52,6 +52,9 @@ def render_run(run: Run, console: Console, top: int = 5) -> None:
     console.print(_best_table(best, tasks))
     front = run.read_json(PARETO) if status["state"] == "finished" else None
     console.print(_pareto_table(front or pareto_front(evaluations)))
+    if any(e.cost is not None for e in evaluations):
+        console.print(_cost_front_table(cost_front(evaluations)))
+        console.print(_spent_line(run, evaluations))
     references = run.read_json(REFERENCES)
     if references and best:
         console.print(_comparison_table(best[0], references, tasks))
@@ -62,12 +65,41 @@ def render_run(run: Run, console: Console, top: int = 5) -> None:
 
 def _best_table(best: list[Evaluation], tasks: list[str]) -> Table:
     table = Table(title="best candidates (objective: lower is better; task scores: higher is better)")
-    for column in ("id", "stage", "objective", *tasks, "genome"):
-        table.add_column(column, justify="right" if column != "genome" else "left")
+    costed = any(e.cost is not None for e in best)
+    for column in ("id", "stage", "objective", *tasks, *(["$/1k queries", "queried"] if costed else []), "genome"):
+        table.add_column(column, justify="right" if column not in ("genome", "queried") else "left")
     for e in best:
         genome = " ".join(f"{g:+.2f}" for g in e.genome[:8]) + (" ..." if len(e.genome) > 8 else "")
-        table.add_row(str(e.id), str(e.stage), f"{e.objective:.4f}", *(f"{e.scores[t]:.4f}" for t in tasks), genome)
+        cost = [f"{e.serving_per_1k:.4g}", ",".join(e.cost.get("queried", []))] if costed and e.cost else []
+        table.add_row(str(e.id), str(e.stage), f"{e.objective:.4f}", *(f"{e.scores[t]:.4f}" for t in tasks), *cost,
+                      genome)
     return table
+
+
+def _cost_front_table(front: dict) -> Table:
+    reference = front["reference"]
+    where = f"; reference point: score {reference['score']:.4f}, ${reference['usd_per_1k']:.4g}/1k" if reference else ""
+    table = Table(title=f"Pareto front over mean score and serving cost ({len(front['front'])} points, "
+                        f"hypervolume {front['hypervolume']:.4g}{where})")
+    for column in ("id", "mean score", "$/1k queries", "queried"):
+        table.add_column(column, justify="left" if column == "queried" else "right")
+    for point in front["front"]:
+        table.add_row(str(point["id"]), f"{point['score']:.4f}", f"{point['usd_per_1k']:.4g}", ",".join(point["queried"]))
+    return table
+
+
+def _spent_line(run: Run, evaluations: list[Evaluation]) -> str:
+    """What the search paid (the query cache: every call once) apart from what candidates would cost to serve."""
+    from evomerge.fusion.cache import spent
+
+    paid = spent(run.path)
+    missing = sum((e.cost or {}).get("spent", {}).get("missing", 0) for e in evaluations)
+    if paid is None:
+        return "search spent: no API calls yet"
+    total = paid["total"]
+    return (f"search spent: {total['calls']} API calls, {total['prompt_tokens']} prompt + {total['completion_tokens']} "
+            f"completion tokens, ${total['usd']:.4g} (every query asked once: queries.sqlite)"
+            + (f"; {missing} answers missing after retries" if missing else ""))
 
 
 def _pareto_table(front: dict) -> Table:

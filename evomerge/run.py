@@ -8,7 +8,9 @@
                           plain JSON with a `format` version: nothing in a run dir is ever unpickled
       references.json     the base's and each expert's scores on the same suite
       provider.json       what the provider served (remote pools only); resume checks it
-      pareto.json         non-dominated set over the per-task scores, with hypervolume
+      pareto.json         non-dominated set over the per-task scores, with hypervolume (API models:
+                          also over mean score and serving cost, `score_cost`)
+      queries.sqlite      API models: every answer the search paid for, asked once (evomerge/fusion)
       status.json         state (running / finished / failed / stopped), pid, heartbeat, for `show`
       lock                flock()ed by the process running the run (search or resume) for the whole
                           run; holds its pid and host, for the message a second process gets
@@ -338,7 +340,10 @@ class Run:
         raise EvomergeError(f"{self.path}: no evaluation with id {candidate_id}")
 
     def update_pareto(self) -> dict[str, Any]:
-        front = pareto_front(self.evaluations())
+        evaluations = self.evaluations()
+        front = pareto_front(evaluations)
+        if any(e.cost is not None for e in evaluations):  # API models: score against serving cost too
+            front["score_cost"] = cost_front(evaluations)
         self.write_json(PARETO, front)
         return front
 
@@ -415,6 +420,25 @@ def pareto_front(evaluations: list[Evaluation]) -> dict[str, Any]:
         "front": [{"id": ok[i].id, "scores": ok[i].scores, "objective": ok[i].objective} for i in keep],
         "hypervolume": hypervolume(points[keep], reference),
         "reference": reference.tolist(),
+    }
+
+
+def cost_front(evaluations: list[Evaluation]) -> dict[str, Any]:
+    """Non-dominated ok evaluations over (mean task score: maximized, serving USD per 1k queries:
+    minimized), for runs over API models. The hypervolume's reference point is the worst score and
+    the highest cost among all ok evaluations (stated in the result: `reference`)."""
+    ok = [e for e in evaluations if e.ok and e.scores and e.cost is not None]
+    if not ok:
+        return {"axes": ["score", "usd_per_1k"], "front": [], "hypervolume": 0.0, "reference": []}
+    points = np.array([[float(np.mean(list(e.scores.values()))), -e.serving_per_1k] for e in ok])
+    keep = sorted((i for i in range(len(ok)) if not _dominated(points[i], points)), key=lambda i: -points[i, 1])
+    reference = points.min(axis=0)
+    return {
+        "axes": ["score", "usd_per_1k"],
+        "front": [{"id": ok[i].id, "score": points[i, 0], "usd_per_1k": -points[i, 1],
+                   "queried": ok[i].cost.get("queried", [])} for i in keep],
+        "hypervolume": hypervolume(points[keep], reference),
+        "reference": {"score": reference[0], "usd_per_1k": -reference[1]},
     }
 
 
