@@ -45,7 +45,7 @@ def free_port() -> int:
 class EchoServer:
     """/v1/models and /v1/completions (echo + logprobs, greedy generation) over a local model."""
 
-    def __init__(self, directory: Path, api_key: str | None = None, echo: bool = True):
+    def __init__(self, directory: Path, api_key: str | None = None, echo: bool = True, names: tuple[str, ...] = ("tiny",)):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
@@ -54,6 +54,8 @@ class EchoServer:
         self.failures: list[int] = []  # statuses to answer before succeeding (429, 503, ...)
         self.delays: list[float] = []  # seconds to sleep before answering
         self.requests = 0
+        self.per_model: dict[str, int] = {}  # POSTs per model name (a fusion pool's models are names here)
+        self.names = names
         self.lock = threading.Lock()
         server = self
 
@@ -79,13 +81,14 @@ class EchoServer:
 
             def do_GET(self):
                 if self.authorized():
-                    self.reply(200, {"object": "list", "data": [{"id": "tiny", "object": "model",
-                                                                 "created": 0, "owned_by": "test"}]})
+                    self.reply(200, {"object": "list", "data": [{"id": name, "object": "model", "created": 0,
+                                                                 "owned_by": "test"} for name in server.names]})
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
                 with server.lock:
                     server.requests += 1
+                    server.per_model[body.get("model")] = server.per_model.get(body.get("model"), 0) + 1
                     status = server.failures.pop(0) if server.failures else 200
                     delay = server.delays.pop(0) if server.delays else 0.0
                 time.sleep(delay)

@@ -60,6 +60,9 @@ class FusionPoolSpec(Frozen):
 
 def resolve_fusion_spec(spec: dict[str, Any], where: str) -> dict[str, Any]:
     """The spec validated (one line naming the key), endpoints normalized to their /v1 root."""
+    from evomerge.config import refuse_secrets
+
+    refuse_secrets({"pool": spec}, where)  # a key given inline: said so, before "unknown key"
     try:
         parsed = FusionPoolSpec.model_validate(spec)
     except ValidationError as error:
