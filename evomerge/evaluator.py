@@ -243,6 +243,7 @@ class PreparedSuite:
         for task in self.suite.tasks:
             task_started = time.perf_counter()
             requests = self.requests[task.task]
+            self.backend.begin_task(task.task)
             if task.output_type == "generate_until":
                 metrics, samples = _score_generate(requests, self.backend.generate_until(requests.generate))
             else:

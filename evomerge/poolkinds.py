@@ -186,23 +186,23 @@ class FusionPool(PoolKind):
     def info(self, config):
         """Every model asked once (one line per model that cannot be used), and the space's rule
         checked against what the models give and what the suite asks."""
+        from evomerge.evaluator import load_suite
         from evomerge.fusion.spec import parse_spec, probe
 
         found = probe(parse_spec(self.spec))
         rule = fusion_rule(config)
-        if rule == "log_linear":
-            text_only = [name for name, f in found.items() if not f["logprobs"]]
-            if text_only:
-                raise ConfigError(f"pool: rule log_linear needs echo + logprobs, which {', '.join(text_only)} "
-                                  "does not give (a text-only server): use a space with `method: vote`, or drop it")
-        elif config.suite is not None:
-            from evomerge.evaluator import load_suite
-
-            scored = [t.task for t in load_suite(config.suite).tasks if t.output_type != "generate_until"]
-            if scored:
-                raise ConfigError(f"suite: task {scored[0]!r} needs log-likelihoods, which the vote rule does not give; "
-                                  "score it with generate_until tasks, or use rule log_linear")
-        return PoolInfo(experts=list(self.spec["models"]), n_layers=0)
+        suite = load_suite(config.suite)
+        tasks = [t.task for t in suite.tasks]  # per_task spaces have genes per task
+        scored = [t.task for t in suite.tasks if t.output_type != "generate_until"]
+        text_only = [name for name, f in found.items() if not f["logprobs"]]
+        if text_only and (rule == "log_linear" or (rule == "route" and scored)):
+            raise ConfigError(f"pool: rule {rule} needs echo + logprobs{' for task ' + repr(scored[0]) if rule == 'route' else ''}"
+                              f", which {', '.join(text_only)} does not give (a text-only server): use a space with "
+                              "`method: vote`, or drop it")
+        if rule == "vote" and scored:
+            raise ConfigError(f"suite: task {scored[0]!r} needs log-likelihoods, which the vote rule does not give; "
+                              "score it with generate_until tasks, or use rule log_linear")
+        return PoolInfo(experts=list(self.spec["models"]), n_layers=0, tasks=tasks)
 
     def open(self):
         raise ConfigError("the pool is API models: there are no weights to merge (export writes the fusion)")
@@ -251,8 +251,8 @@ def fusion_rule(config: "SearchConfig") -> str:
     methods = [spec.method] if isinstance(spec.method, str) else list(spec.method)
     weights = [m for m in methods if get_method(m).acts_on != "outputs"]
     if weights or len(methods) != 1:
-        raise ConfigError(f"{where}: a fusion pool of API models is searched with one fusion rule (method: log_linear "
-                          f"or vote; presets fusion, fusion-two-stage, fusion-vote, fusion-routing), not "
+        raise ConfigError(f"{where}: a fusion pool of API models is searched with one fusion rule (method: log_linear"
+                          f", vote or route; presets fusion, fusion-two-stage, fusion-vote, fusion-routing), not "
                           f"{', '.join(methods)}")
     return methods[0]
 

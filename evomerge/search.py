@@ -88,7 +88,7 @@ class Search:
         info = pool_kind(config.pool).info(config)  # the pool checked (or its provider asked) up front
         self.provider_info, self.pool_tasks = info.provider, info.tasks
         self.expert_names = info.experts
-        self.space = load_space(config.space, experts=self.expert_names, n_layers=info.n_layers)
+        self.space = load_space(config.space, experts=self.expert_names, n_layers=info.n_layers, tasks=info.tasks)
         if config.suite is not None:
             from evomerge.evaluator import load_suite
 

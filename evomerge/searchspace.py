@@ -17,7 +17,8 @@ the genes' ``init``). ``space.penalty(x)`` is the stage's L1 term, ``l1 * mean |
 float genes, added to the objective by the search loop.
 
 Gene names: ``density[add]``, ``weight[add]@layers0-1/attn`` (layers 0 and 1, attention
-tensors), ``weight[mul]@layer3``, ``lambda``, ``method``.
+tensors), ``weight[mul]@layer3``, ``lambda``, ``method``; with ``per_task`` (fusion pools),
+``weight[add]@task:upper``: the override ``modules: task:upper`` holds that task's values.
 
 Layer groups: ``layer_groups: G`` (G divides the number of layers L; or ``per_layer``) makes
 group g cover layers [g L/G, (g+1) L/G); each (group, module) cell becomes a recipe ``Override``.
@@ -45,6 +46,7 @@ __all__ = ["SearchSpace", "Gene", "load_space", "EXPERT_PARAMS", "MODULE_LABELS"
 EXPERT_PARAMS = ("weight", "density")  # the per-expert fields a Recipe holds (ExpertParams)
 MODULE_LABELS = {"attention": "attn", "mlp": "mlp"}
 METHOD_GENE = "method"
+TASK_CELL = "task:"  # the `modules` of a per-task override: a fusion's values for that task's queries
 
 
 @dataclass(frozen=True)
@@ -79,9 +81,11 @@ class SearchSpace:
         n_layers: int | None = None,
         where: str = "search space",
         *,
+        tasks: list[str] | None = None,
         _stage: tuple[int, dict[str, float]] | None = None,
     ):
         self.spec, self.experts, self.n_layers, self.where = spec, list(experts), n_layers, where
+        self.tasks = list(tasks or [])  # per_task spaces: the suite's tasks
         if not self.experts:
             raise ConfigError(f"{where}: a search space needs at least one expert")
         if len(set(self.experts)) != len(self.experts):
@@ -241,7 +245,7 @@ class SearchSpace:
                 fixed[g.name] = self.gene_value(fixed_from, g)
             else:
                 fixed[g.name] = g.init
-        return SearchSpace(self.spec, self.experts, self.n_layers, self.where, _stage=(i, fixed))
+        return SearchSpace(self.spec, self.experts, self.n_layers, self.where, tasks=self.tasks, _stage=(i, fixed))
 
     def __repr__(self) -> str:
         return f"SearchSpace({self.where!r}, dim={self.dim}, stage={self.stage_name})"
@@ -252,6 +256,12 @@ class SearchSpace:
         return self.cells != [(None, None)]
 
     def _cells(self) -> list[tuple[tuple[int, int] | None, str | None]]:
+        if self.spec.per_task:  # one cell per task: an override `modules: task:NAME` (fusion pools)
+            if self.spec.layer_groups != 1 or self.spec.modules:
+                raise ConfigError(f"{self.where}: per_task genes do not combine with layer_groups or modules")
+            if not self.tasks:
+                raise ConfigError(f"{self.where}: per_task needs the suite's tasks (a fusion pool with a `suite:`)")
+            return [(None, f"{TASK_CELL}{task}") for task in self.tasks]
         groups = self.spec.layer_groups
         ranges: list[tuple[int, int] | None] = [None]
         if groups == "per_layer" or groups != 1:
@@ -275,7 +285,7 @@ class SearchSpace:
             a, b = layers[0], layers[1] - 1
             where.append(f"layer{a}" if a == b else f"layers{a}-{b}")
         if module is not None:
-            where.append(MODULE_LABELS[module])
+            where.append(MODULE_LABELS.get(module, module))  # task:NAME stays as it is
         return f"{param}[{expert}]" + ("@" + "/".join(where) if where else "")
 
     def _declaring(self, param: str):
@@ -402,10 +412,11 @@ def load_space(
     space: str | Path | dict[str, Any],
     experts: list[str],
     n_layers: int | None = None,
+    tasks: list[str] | None = None,
     **overrides: Any,
 ) -> SearchSpace:
     """A preset name (``searchspaces/NAME.yaml``), a YAML path, or a spec dict. A spec (file or
     dict) may start from another with ``preset: NAME``: its top-level keys replace the preset's.
     ``overrides`` replace top-level keys last (e.g. ``layer_groups=4``, ``lora_merge="lowrank"``)."""
     spec, where = load_spec(space, **overrides)
-    return SearchSpace(spec, experts, n_layers, where)
+    return SearchSpace(spec, experts, n_layers, where, tasks=tasks)

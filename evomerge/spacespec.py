@@ -48,6 +48,8 @@ class SpaceSpec(Frozen):
     genes: dict[str, GeneSpec | Value] = Field(description="per parameter: {low, high, init} to search, or a fixed value")
     layer_groups: int | Literal["per_layer"] = Field(1, description="genes per layer group (G divides the layers)")
     modules: list[Literal["attention", "mlp"]] | None = Field(None, description="genes per module filter")
+    per_task: bool = Field(False, description="genes per task of the suite (fusion of API models: route or "
+                           "weigh the models differently for each kind of query)")
     l1: float = Field(0.0, ge=0, description="objective += l1 * mean |gene| over the searched float genes")
     optimizer: dict[str, Any] = Field(default_factory=dict, description="optimizer hints, e.g. {type: cmaes, sigma0: 0.05}")
     stages: list[StageSpec] | None = None

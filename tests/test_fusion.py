@@ -21,7 +21,7 @@ from evomerge.errors import ConfigError, EvomergeError
 from evomerge.fusion import rules
 from evomerge.fusion.rules import Member, Position
 from evomerge.recipe import Recipe
-from evomerge.run import Run, cost_front
+from evomerge.run import cost_front
 from tests.test_evaluator import model_dir  # noqa: F401 - the shared session fixture
 from tests.test_evaluator_openai import EchoServer, free_port
 from tests.test_evaluator_zoo import make_records, write_jsonl
@@ -39,16 +39,22 @@ def test_log_linear_pools_with_signed_weights_over_the_positive_models_support()
     got = rules.pooled_logprob(views, k=3, temperature=1.0, alpha=0.0)
     # support: the expert's tokens a, b, c (not d: only the negative model proposes it); the amateur
     # has no c in its top-3, so c gets its floor log(0.1)
+    # has no c in its top-3, so c gets its floor log(0.1); "rest" is every other token: the expert
+    # has no mass left outside {a, b, c}, the amateur 1 - (0.2 + 0.7 + 0.1) = 0 too (both at 1e-6)
     f = {"a": math.log(0.6) - 0.5 * math.log(0.2), "b": math.log(0.3) - 0.5 * math.log(0.7),
-         "c": math.log(0.1) - 0.5 * math.log(0.1)}
+         "c": math.log(0.1) - 0.5 * math.log(0.1), "rest": 0.5 * math.log(1e-6)}
     assert got == pytest.approx(f["a"] - math.log(sum(math.exp(v) for v in f.values())))
     # the plausibility cut: with alpha 0.4, c (0.1 < 0.4 * 0.6) leaves the support, a bonus it had
-    # only because the amateur never ranked it
+    # only because the amateur never ranked it: it joins the rest
     cut = rules.pooled_logprob(views, k=3, temperature=1.0, alpha=0.4)
-    assert cut == pytest.approx(f["a"] - math.log(math.exp(f["a"]) + math.exp(f["b"])))
+    rest = math.log(0.1) - 0.5 * math.log(0.1)
+    assert cut == pytest.approx(f["a"] - math.log(math.exp(f["a"]) + math.exp(f["b"]) + math.exp(rest)))
     # temperature divides the pooled log-probs
     hot = rules.pooled_logprob(views, k=3, temperature=2.0, alpha=0.0)
     assert hot == pytest.approx(f["a"] / 2 - math.log(sum(math.exp(v / 2) for v in f.values())))
+    # one model alone at weight 1, temperature 1: exactly its own log-prob, whatever its top-k holds
+    alone = Position("a", math.log(0.5), {"a": math.log(0.5), "b": math.log(0.2)})
+    assert rules.pooled_logprob([(Member("x", 1.0, 1.0), alone)], 2, 1.0, 0.0) == pytest.approx(math.log(0.5))
 
 
 def test_a_gate_keeps_that_share_of_the_models_top_k():

@@ -14,8 +14,9 @@ What a backend can do is declared on its class, never guessed from the methods i
     chat_template    whether it renders prompts with the model's chat template itself
                      (`apply_chat_template`); one without can still chat-generate (openai's chat API)
 
-`check(output_types)` runs before any work (e.g. does the endpoint return prompt logprobs) and
-`close()` stops what the backend runs besides this process; both do nothing by default.
+`check(output_types)` runs before any work (e.g. does the endpoint return prompt logprobs),
+`begin_task(name)` before each task's requests (a per-task fusion), and `close()` stops what the
+backend runs besides this process; all do nothing by default.
 
 Backends are built by name from a dict of kwargs (`build_backend("hf", model="zoo/base")`); the
 entries are lazy so `vllm` is imported only when someone asks for it.
@@ -66,6 +67,10 @@ class Backend:
     def update_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> None:
         """weights == "named_tensors": replace the weights by name, in place."""
         raise EvomergeError(f"backend {self.name!r} takes no named tensors (weights: {self.weights})")
+
+    def begin_task(self, task: str) -> None:
+        """The next requests are this task's (a fusion of API models may weigh its models per task).
+        Nothing by default: a model's answers do not depend on which task asks."""
 
     def check(self, output_types: set[str]) -> None:
         """Before any work: can this backend score these output types? Nothing to check by default."""

@@ -9,11 +9,13 @@ log_linear (product of experts; needs echo + top-k logprobs and a shared tokeniz
 answer position, over the support S = union of the kept tokens of the positively weighted models
 (plus the scored token),
 
-    f(v) = sum_m w_m lp_m(v) / T,          log p(token) = f(token) - logsumexp_{v in S'} f(v)
+    f(v) = sum_m w_m lp_m(v) / T,          log p(token) = f(token) - logsumexp_{v in S' + rest} f(v)
 
 where S' keeps only the tokens the positive models find plausible: their weighted mean log-prob is
 within log(alpha) of the best (contrastive decoding's cut, so a negatively weighted model never
-promotes a token it merely failed to rank). A negative weight is contrastive: expert minus amateur.
+promotes a token it merely failed to rank), and `rest` stands for every other token: its lp_m is
+log of model m's mass outside S', so one model alone at weight 1 and T = 1 scores exactly its own
+log-probs. A negative weight is contrastive: expert minus amateur.
 
 vote (text only): each queried model's greedy answer gets its weight; the answer with the largest
 sum wins (a negative weight counts against the answers that model gives).
@@ -116,9 +118,20 @@ def pooled_logprob(views: list[tuple[Member, Position]], k: int, temperature: fl
         mean = {v: sum(view[0] * lp(view, v) for view in positive) / total for v in support}
         cut = max(mean.values()) + math.log(alpha)
         support = {v for v in support if mean[v] >= cut} | {token}
-    fused = {v: sum(view[0] * lp(view, v) for view in lookups) / temperature for v in support}
-    top = max(fused.values())
-    return fused[token] - (top + math.log(sum(math.exp(f - top) for f in fused.values())))
+    fused = [sum(view[0] * lp(view, v) for view in lookups) / temperature for v in support]
+    # every other token, as one: each model's probability mass outside the support, so that one
+    # model alone at weight 1 and temperature 1 scores its own log-prob exactly
+    fused.append(sum(view[0] * _rest(view, support) for view in lookups) / temperature)
+    top = max(fused)
+    own = sum(view[0] * lp(view, token) for view in lookups) / temperature
+    return own - (top + math.log(sum(math.exp(f - top) for f in fused)))
+
+
+def _rest(view, support: set[str]) -> float:
+    """log of a model's mass outside the support (at least 1e-6: floors can overfill it)."""
+    _, top, floor = view
+    inside = sum(math.exp(top.get(v, floor)) for v in support)
+    return math.log(max(1.0 - inside, 1e-6))
 
 
 def pooled_answer(per_model: list[tuple[Member, list[Position]]], k: int, temperature: float,

@@ -20,7 +20,7 @@ import os
 import urllib.parse
 from typing import Any, Optional
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from evomerge.errors import ConfigError, did_you_mean, redact, validation_message
 from evomerge.schema import Frozen
@@ -35,6 +35,13 @@ class APIModel(Frozen):
     price_in: float = Field(0.0, ge=0, description="USD per million prompt tokens")
     price_out: float = Field(0.0, ge=0, description="USD per million completion tokens")
     latency_budget_s: Optional[float] = Field(None, gt=0, description="a request taking longer is a missing answer")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _api_root(cls, url: str) -> str:
+        from evomerge.backends.openai_api import normalize_base_url
+
+        return normalize_base_url(url)  # http://host:8000 -> http://host:8000/v1, as the openai client wants
 
     def api_key(self) -> str:
         return (os.environ.get(self.api_key_env) if self.api_key_env else None) or "EMPTY"  # local servers take any
@@ -74,12 +81,7 @@ def resolve_fusion_spec(spec: dict[str, Any], where: str) -> dict[str, Any]:
         if url.username or url.password or url.query:
             raise ConfigError(f"{where}: pool.models.{name}.endpoint must not carry credentials or a query; name "
                               "the key's environment variable in api_key_env")
-    from evomerge.backends.openai_api import normalize_base_url
-
-    data = parsed.model_dump(mode="json")
-    for model in data["models"].values():
-        model["endpoint"] = normalize_base_url(model["endpoint"])
-    return data
+    return parsed.model_dump(mode="json")
 
 
 def parse_spec(spec: dict[str, Any]) -> FusionPoolSpec:
@@ -95,8 +97,8 @@ def probe(spec: FusionPoolSpec) -> dict[str, dict[str, Any]]:
     problems, found = [], {}
     listed: dict[tuple[str, str], tuple[list[Any], Optional[str]]] = {}
     for name, model in spec.models.items():
-        client = openai.OpenAI(base_url=model.endpoint, api_key=model.api_key(), max_retries=1,
-                               timeout=min(spec.timeout_s, 15.0))
+        client = openai.OpenAI(base_url=model.endpoint, api_key=model.api_key(), max_retries=spec.max_retries,
+                               timeout=spec.timeout_s)  # a LoRA server loads an adapter on its first request
         try:
             key = (model.endpoint, model.api_key_env or "")
             if key not in listed:
@@ -110,8 +112,13 @@ def probe(spec: FusionPoolSpec) -> dict[str, dict[str, Any]]:
                 problems.append(f"{name}: {model.endpoint} does not serve model {model.model!r};"
                                 f"{did_you_mean(model.model, ids)} it serves {', '.join(ids[:8])}")
                 continue
-            found[name] = {"logprobs": _gives_logprobs(client, model),
-                           "lora_server": any((m.model_extra or {}).get("parent") for m in served)}
+            try:
+                logprobs = _gives_logprobs(client, model)
+            except openai.APIError as error:  # a timeout, a dropped connection: not an answer about echo
+                problems.append(f"{name}: no answer to a one-token probe ({type(error).__name__}) within "
+                                f"{spec.timeout_s:.0f}s")
+                continue
+            found[name] = {"logprobs": logprobs, "lora_server": any((m.model_extra or {}).get("parent") for m in served)}
         finally:
             client.close()
     if problems:
@@ -143,7 +150,9 @@ def _gives_logprobs(client, model: APIModel) -> bool:
     try:
         response = client.completions.create(model=model.model, prompt="".join(PROBE_PROMPT), echo=True, logprobs=1,
                                              max_tokens=1, temperature=0.0)
-    except openai.APIError:
+    except openai.BadRequestError:  # it refuses echo or logprobs (400/422): text only
+        return False
+    except openai.UnprocessableEntityError:
         return False
     logprobs = response.choices[0].logprobs if response.choices else None
     return bool(logprobs is not None and logprobs.token_logprobs and logprobs.top_logprobs)

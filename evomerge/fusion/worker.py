@@ -46,7 +46,7 @@ class FusionWorker(Worker):
     def _extras(self) -> dict[str, Any]:
         spent = self.clients.spending.as_dict()
         return {"cost": {"serving_usd_per_query": self.backend.serving_usd / max(self.queries, 1),
-                         "queried": [m.name for m in self.backend.members], "spent": spent}}
+                         "queried": self.backend.queried, "spent": spent}}
 
     def close(self) -> None:
         self.cache.close()

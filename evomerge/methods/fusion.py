@@ -27,3 +27,7 @@ register(MergeMethod(
 register(MergeMethod(
     name="vote", fn=_no_tensors, parameters=(SIGNED_WEIGHT, GATE), random=False, mergekit_name=None,
     acts_on="outputs", doc="weighted vote over the models' greedy answers; text only (generation tasks)"))
+register(MergeMethod(
+    name="route", fn=_no_tensors, parameters=(SIGNED_WEIGHT, GATE), random=False, mergekit_name=None,
+    acts_on="outputs", doc="routing: one model answers, the gate-open one of largest weight (per task with per_task); "
+                           "its own log-probs and answers, one query's cost"))
