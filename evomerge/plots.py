@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from evomerge.run import REFERENCES, Run, cost_front, pareto_front
+from evomerge.pareto import cost_front, pareto_front
+from evomerge.run import REFERENCES, Run
 
 
 def _pyplot():

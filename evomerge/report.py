@@ -13,7 +13,8 @@ from rich.table import Table
 from evomerge.errors import EvomergeError
 from evomerge.poolkinds import pool_kind
 from evomerge.recipe import Recipe
-from evomerge.run import PARETO, REFERENCES, Evaluation, Run, cost_front, pareto_front
+from evomerge.pareto import cost_front, pareto_front
+from evomerge.run import PARETO, REFERENCES, Evaluation, Run
 
 
 def summary_line(run: Run) -> str:

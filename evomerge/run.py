@@ -39,6 +39,7 @@ import numpy as np
 import yaml
 
 from evomerge.errors import EvomergeError
+from evomerge.pareto import cost_front, hypervolume, pareto_front  # noqa: F401 - importable from here, as before
 
 CONFIG = "config.yaml"
 EVALUATIONS = "evaluations.jsonl"
@@ -400,59 +401,3 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
-
-
-def pareto_front(evaluations: list[Evaluation]) -> dict[str, Any]:
-    """Non-dominated ok evaluations over the per-task scores (all maximized), with hypervolume.
-
-    The hypervolume's reference point is the worst score per task among all ok evaluations, so the
-    number grows as the front advances and is comparable across snapshots of one run.
-    """
-    ok = [e for e in evaluations if e.ok and e.scores]
-    if not ok:
-        return {"tasks": [], "front": [], "hypervolume": 0.0, "reference": []}
-    tasks = sorted(ok[0].scores)
-    points = np.array([[e.scores[t] for t in tasks] for e in ok])
-    keep = [i for i in range(len(ok)) if not _dominated(points[i], points)]
-    reference = points.min(axis=0)
-    return {
-        "tasks": tasks,
-        "front": [{"id": ok[i].id, "scores": ok[i].scores, "objective": ok[i].objective} for i in keep],
-        "hypervolume": hypervolume(points[keep], reference),
-        "reference": reference.tolist(),
-    }
-
-
-def cost_front(evaluations: list[Evaluation]) -> dict[str, Any]:
-    """Non-dominated ok evaluations over (mean task score: maximized, serving USD per 1k queries:
-    minimized), for runs over API models. The hypervolume's reference point is the worst score and
-    the highest cost among all ok evaluations (stated in the result: `reference`)."""
-    ok = [e for e in evaluations if e.ok and e.scores and e.cost is not None]
-    if not ok:
-        return {"axes": ["score", "usd_per_1k"], "front": [], "hypervolume": 0.0, "reference": []}
-    points = np.array([[float(np.mean(list(e.scores.values()))), -e.serving_per_1k] for e in ok])
-    keep = sorted((i for i in range(len(ok)) if not _dominated(points[i], points)), key=lambda i: -points[i, 1])
-    reference = points.min(axis=0)
-    return {
-        "axes": ["score", "usd_per_1k"],
-        "front": [{"id": ok[i].id, "score": points[i, 0], "usd_per_1k": -points[i, 1],
-                   "queried": ok[i].cost.get("queried", [])} for i in keep],
-        "hypervolume": hypervolume(points[keep], reference),
-        "reference": {"score": reference[0], "usd_per_1k": -reference[1]},
-    }
-
-
-def _dominated(point: np.ndarray, points: np.ndarray) -> bool:
-    better_or_equal = (points >= point).all(axis=1)
-    strictly_better = (points > point).any(axis=1)
-    return bool((better_or_equal & strictly_better).any())
-
-
-def hypervolume(front: np.ndarray, reference: np.ndarray) -> float:
-    """Volume dominated by a maximization front above `reference` (moocore's exact indicator)."""
-    if len(front) == 0:
-        return 0.0
-    import moocore
-
-    return float(moocore.hypervolume(np.asarray(front, dtype=float), ref=np.asarray(reference, dtype=float),
-                                     maximise=True))

@@ -175,6 +175,24 @@ def test_fusion_search_over_the_lora_experts_served_as_models(server, vllm_zoo, 
     assert "API calls" in answered.stderr
 
 
+def test_routing_reaches_each_tasks_own_expert_at_one_models_cost(server, vllm_zoo, tmp_path):
+    """The preset fusion-routing (one model per task, per_task genes) sends each task to the LoRA
+    expert trained for it, and a query then costs what one call to one expert costs."""
+    from evomerge.config import load_search_config
+    from evomerge.search import search
+
+    config = load_search_config(_fusion_config(tmp_path, server, vllm_zoo, ("base", *TASKS), TASKS,
+                                               space="fusion-routing", budget=100))
+    run = search(config, tmp_path / "run")
+    best = run.best(1)[0]
+    routed = {o["modules"]: max(o["experts"], key=lambda n: o["experts"][n]["weight"]) for o in best.recipe["overrides"]}
+    assert routed == {f"task:{t}": t for t in TASKS}
+    references = run.read_json("references.json")
+    for task in TASKS:
+        assert best.scores[task] == pytest.approx(references[task]["scores"][task], abs=1e-9)
+    assert best.serving_per_1k == pytest.approx(1000 * references["add"]["cost"]["serving_usd_per_query"], rel=1e-6)
+
+
 def test_the_search_finds_a_contrastive_weight_that_beats_the_expert_alone(server, vllm_zoo, tmp_path):
     """add's expert minus a share of the base (expert minus amateur) scores better on add than the
     expert alone; the search over both weights, temperature and gates fixed, finds a negative one."""

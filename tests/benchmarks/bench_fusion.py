@@ -6,10 +6,10 @@
         --lora-modules add=ZOO/lora/add reverse=ZOO/lora/reverse upper=ZOO/lora/upper next=ZOO/lora/next --port 8311
     .venv/bin/python tests/benchmarks/bench_fusion.py --zoo ZOO --endpoint http://127.0.0.1:8311 --budget 40
 
-Both searches run on the loss suite's validation split (`--limit` docs per task) with the same
-budget: the fusion with the preset `fusion` (CMA-ES over a gate and a signed weight per model,
-temperature and the plausibility cut), the merge with `evo-merging` on the zoo's LoRA pool (hf
-backend). The best of each is then scored on the held-out test split. Serving cost per query: a
+The three searches run on the loss suite's validation split (`--limit` docs per task) with the
+same budget: a fusion with the preset `fusion` (CMA-ES over a gate and a signed weight per model,
+temperature and the plausibility cut), routing with `fusion-routing` (one model per task), and the
+merge with `evo-merging` on the zoo's LoRA pool (hf backend). The best of each is then scored on the held-out test split. Serving cost per query: a
 merged model answers with one call to one model; a fusion calls every model it queries. Prices
 are made up but in proportion (the base at half an expert's); what counts is the ratio.
 """
@@ -79,12 +79,15 @@ def main() -> None:
         directory.mkdir(parents=True, exist_ok=True)
         suite = write_suite(directory, zoo, args.limit)
         fused = run_search(directory, fusion_pool(args.endpoint), "fusion", suite, args.budget, args.seed)
+        routed = run_search(directory, fusion_pool(args.endpoint), "fusion-routing", suite, args.budget, args.seed)
         merged = run_search(directory, str(zoo / "pool-lora.yaml"), "evo-merging", suite, args.budget, args.seed)
-        print(f"searches done: {fused.path}, {merged.path}", flush=True)
+        print(f"searches done: {fused.path}, {routed.path}, {merged.path}", flush=True)
         test = f"{suite}:test"
         fusion_best, merge_best = fused.best(1)[0], merged.best(1)[0]
         fusion_worker = FusionWorker(fusion_pool(args.endpoint), test, "log_linear", None)
-        rows = {"fusion (best of the search)": fusion_worker.evaluate(fusion_best.recipe)}
+        rows = {"fusion, log_linear (best of the search)": fusion_worker.evaluate(fusion_best.recipe),
+                "fusion, routing per task (best of the search)": FusionWorker(
+                    fusion_pool(args.endpoint), test, "route", None).evaluate(routed.best(1)[0].recipe)}
         for name in ("base", *TASKS):
             rows[f"{name} alone (API model)"] = fusion_worker.evaluate(_alone(name))
         from evomerge.config import resolve_pool_spec
@@ -95,7 +98,7 @@ def main() -> None:
     one_query = rows["add alone (API model)"]["cost"]["serving_usd_per_query"]
     report = {"budget": args.budget, "limit": args.limit, "seed": args.seed, "rows": {}}
     lines = [f"Loss suite, test split ({args.limit} docs per task), scores -(mean CE per token), higher is better; "
-             f"both searches: budget {args.budget} on validation, seed {args.seed}.", "",
+             f"every search: budget {args.budget} on validation, seed {args.seed}.", "",
              "| model | " + " | ".join(TASKS) + " | mean | models queried | serving cost per query |",
              "| --- | " + " | ".join("---:" for _ in TASKS) + " | ---: | ---: | ---: |"]
     for name, result in rows.items():
@@ -108,8 +111,10 @@ def main() -> None:
         report["rows"][name] = {"scores": scores, "mean": mean, "queried": queried, "usd_per_query": usd}
         lines.append(f"| {name} | " + " | ".join(f"{scores[t]:.3f}" for t in TASKS)
                      + f" | {mean:.3f} | {queried} | {usd / one_query:.2f}x |")
-    lines += ["", "Serving cost relative to one query to one expert (a merged model costs 1x: one model, one call). "
-              f"Fusion recipe: {json.dumps(rows and fusion_best.recipe['experts'])}"]
+    lines += ["", "Serving cost relative to one query to one expert (a merged model costs 1x: one model, one call; "
+              "the base's price is half an expert's). The log_linear fusion's weights and gates: "
+              + ", ".join(f"{name} {p['weight']:+.2f} (gate {p['density']:.2f})"
+                          for name, p in fusion_best.recipe["experts"].items()) + "."]
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
