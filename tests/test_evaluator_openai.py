@@ -269,3 +269,32 @@ def test_generation_agrees_with_transformers_serve(model_dir, transformers_serve
     # it ignores echo + logprobs: the loss path is refused up front, in one line
     with pytest.raises(EvomergeError, match="no prompt logprobs"):
         evaluate(suites["loss"], api)
+
+
+@pytest.mark.slow
+def test_a_text_only_server_fuses_by_vote_and_refuses_log_linear_in_one_line(transformers_serve, tmp_path):
+    """`transformers serve` gives no logprobs: the probe says so, log_linear is refused before any
+    work, and the vote rule fuses its answers (two names for one served model, weights of either sign)."""
+    import urllib.request
+
+    from evomerge.config import load_search_config
+    from evomerge.errors import ConfigError
+    from evomerge.search import Search, search
+
+    served = json.loads(urllib.request.urlopen(f"{transformers_serve}/v1/models", timeout=10).read())["data"][0]["id"]
+    write_jsonl(tmp_path / "data.jsonl", make_records(3, seed=2))
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump({"tasks": [
+        {"task": "gen", "output_type": "generate_until", "dataset_path": "data.jsonl", "doc_to_text": "{{ question }} =",
+         "doc_to_target": "answer", "generation_kwargs": {"until": ["\n"], "max_gen_toks": 3}}]}))
+    models = {name: {"endpoint": transformers_serve, "model": served} for name in ("one", "two")}
+    config = {"pool": {"models": models}, "suite": "suite.yaml", "budget": 3, "workers": {"count": 1}}
+    (tmp_path / "loglinear.yaml").write_text(yaml.safe_dump({**config, "space": "fusion"}))
+    with pytest.raises(ConfigError) as error:
+        Search(load_search_config(tmp_path / "loglinear.yaml"))
+    assert "needs echo + logprobs" in str(error.value) and "one, two" in str(error.value) and "\n" not in str(error.value)
+    (tmp_path / "vote.yaml").write_text(yaml.safe_dump({**config, "space": "fusion-vote"}))
+    run = search(load_search_config(tmp_path / "vote.yaml"), tmp_path / "run")
+    evaluations = run.evaluations()
+    assert len(evaluations) == 3 and all(e.ok for e in evaluations), [e.reason for e in evaluations]
+    alone = run.read_json("references.json")["one"]["scores"]["gen"]
+    assert all(e.scores["gen"] == alone for e in evaluations if e.cost["queried"])  # one model's answers, voted

@@ -99,7 +99,7 @@ def main() -> None:
     report = {"budget": args.budget, "limit": args.limit, "seed": args.seed, "rows": {}}
     lines = [f"Loss suite, test split ({args.limit} docs per task), scores -(mean CE per token), higher is better; "
              f"every search: budget {args.budget} on validation, seed {args.seed}.", "",
-             "| model | " + " | ".join(TASKS) + " | mean | models queried | serving cost per query |",
+             "| model | " + " | ".join(TASKS) + " | mean | models used (over all tasks) | serving cost per query |",
              "| --- | " + " | ".join("---:" for _ in TASKS) + " | ---: | ---: | ---: |"]
     for name, result in rows.items():
         if result["status"] != "ok":
