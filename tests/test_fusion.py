@@ -91,12 +91,14 @@ def server(model_dir):  # noqa: F811
     server.close()
 
 
-def _config(tmp_path: Path, server: EchoServer, **extra) -> Path:
+def _config(tmp_path: Path, server: EchoServer, generation: bool = True, **extra) -> Path:
     write_jsonl(tmp_path / "data.jsonl", make_records(4, seed=5))
     text = {"dataset_path": "data.jsonl", "doc_to_text": "{{ question }} =", "doc_to_target": "answer"}
-    (tmp_path / "suite.yaml").write_text(yaml.safe_dump({"tasks": [
-        {"task": "loss", "output_type": "loss", **text},
-        {"task": "gen", "output_type": "generate_until", **text, "generation_kwargs": {"until": ["\n"], "max_gen_toks": 3}}]}))
+    tasks = [{"task": "loss", "output_type": "loss", **text}]
+    if generation:
+        tasks.append({"task": "gen", "output_type": "generate_until", **text,
+                      "generation_kwargs": {"until": ["\n"], "max_gen_toks": 3}})
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump({"tasks": tasks}))
     models = {name: {"endpoint": server.url, "model": name, "api_key_env": "FUSION_TEST_KEY", "price_in": 1.0 + i,
                      "price_out": 2.0} for i, name in enumerate(("alpha", "beta", "gamma"))}
     config = {"pool": {"models": models, "top_logprobs": 2, "max_retries": 1, "timeout_s": 5},
@@ -220,3 +222,33 @@ def test_a_weight_method_over_a_fusion_pool_and_a_fusion_rule_over_weights_are_r
     pool = Pool(model_dir, {"add": model_dir.parent / "full" / "add"})
     with pytest.raises(EvomergeError, match="fuses the answers of API models"):
         check_recipe(Recipe(method="log_linear", experts={"add": {"weight": 1.0}}), pool)
+
+
+def test_a_fusion_search_killed_then_resumed_never_pays_twice(server, tmp_path):
+    """kill -9 once the references and a candidate are logged: the resumed search finds every
+    answer it needs in the run's cache (a loss suite: the candidates ask what the references did),
+    so the server sees nothing after the kill but each session's one probe per model."""
+    import os
+    import signal
+    import time
+
+    config = _config(tmp_path, server, generation=False, budget=6)
+    env = {**os.environ, "FUSION_TEST_KEY": SECRET}
+    process = subprocess.Popen([sys.executable, "-m", "evomerge.cli", "search", str(config), "--run-dir",
+                                str(tmp_path / "run")], env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "run" / "evaluations.jsonl"
+    deadline = time.monotonic() + 240
+    while not (log.is_file() and log.read_text().count("\n") >= 1):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = server.requests
+    resumed = subprocess.run([sys.executable, "-m", "evomerge.cli", "resume", str(tmp_path / "run")], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    evaluations = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(evaluations) == 6 and len({e["id"] for e in evaluations}) == 6
+    assert server.requests - killed_at == 2 * 3  # the resume's probes (its check, its worker's): nothing else
+    assert all(e["cost"]["spent"]["calls"] == 0 for e in evaluations)
