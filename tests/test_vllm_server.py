@@ -182,7 +182,7 @@ def test_routing_reaches_each_tasks_own_expert_at_one_models_cost(server, vllm_z
     from evomerge.search import search
 
     config = load_search_config(_fusion_config(tmp_path, server, vllm_zoo, ("base", *TASKS), TASKS,
-                                               space="fusion-routing", budget=100))
+                                               space="fusion-routing", budget=60))
     run = search(config, tmp_path / "run")
     best = run.best(1)[0]
     routed = {o["modules"]: max(o["experts"], key=lambda n: o["experts"][n]["weight"]) for o in best.recipe["overrides"]}
