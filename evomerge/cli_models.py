@@ -75,6 +75,7 @@ def fuse(
     prompt: list[str] = typer.Option(..., "--prompt", "-p", help="A prompt to answer; repeat for several."),
     max_tokens: int = typer.Option(64, "--max-tokens", help="Tokens per answer."),
     stop: list[str] = typer.Option(["\n"], "--stop", help="Stop strings (repeatable)."),
+    task: Optional[str] = typer.Option(None, "--task", help="Which task's models answer (a per-task fusion, e.g. routing)."),
 ):
     """Answer prompts with a fusion of API models picked by a search (what `export` wrote for it).
 
@@ -83,7 +84,7 @@ def fuse(
     """
     from evomerge.fusion.serve import fuse as answer
 
-    answers, cost = answer(fusion / "fusion.yaml" if fusion.is_dir() else fusion, prompt, max_tokens, stop)
+    answers, cost = answer(fusion / "fusion.yaml" if fusion.is_dir() else fusion, prompt, max_tokens, stop, task)
     for text in answers:
         print(text)
     console.print(f"{cost['calls']} API calls, {cost['prompt_tokens']} prompt + {cost['completion_tokens']} completion "

@@ -252,3 +252,22 @@ def test_a_fusion_search_killed_then_resumed_never_pays_twice(server, tmp_path):
     assert len(evaluations) == 6 and len({e["id"] for e in evaluations}) == 6
     assert server.requests - killed_at == 2 * 3  # the resume's probes (its check, its worker's): nothing else
     assert all(e["cost"]["spent"]["calls"] == 0 for e in evaluations)
+
+
+def test_routing_sends_each_tasks_queries_to_one_model_and_breaks_ties_by_name():
+    from evomerge.fusion.backend import FusedBackend
+    from evomerge.fusion.spec import parse_spec
+
+    names = ("zeta", "beta", "alpha")  # a config's order: not the tie-break
+    spec = parse_spec({"models": {n: {"endpoint": "http://127.0.0.1:9", "model": n} for n in names}})
+    backend = FusedBackend(spec, None, set(names), "route")
+    backend.use(Recipe(method="route", experts={n: {"weight": 0.5} for n in names}, overrides=[
+        {"modules": "task:t1", "experts": {"beta": {"weight": 0.9}}},
+        {"modules": "task:t2", "experts": {"zeta": {"weight": 0.7}, "alpha": {"weight": 0.7}, "beta": {"density": 0.0}}}]))
+    assert [m.name for m in backend.members] == ["alpha"]  # the recipe's own values: a three-way tie
+    backend.begin_task("t1")
+    assert [(m.name, m.weight) for m in backend.members] == [("beta", 1.0)]
+    backend.begin_task("t2")
+    assert [m.name for m in backend.members] == ["alpha"]
+    backend.begin_task("t3")  # no override for it: the recipe's own values
+    assert [m.name for m in backend.members] == ["alpha"] and backend.queried == ["beta", "alpha"]

@@ -50,7 +50,8 @@ class FusedBackend(Backend):
         self.recipe = recipe
         self.temperature = float(recipe.parameters.get("temperature", 1.0))
         self.alpha = float(recipe.parameters.get("alpha", 0.1))
-        self.begin_task(None)
+        self.begin_task(None)  # checked now, for every task; a suite then asks per task
+        self.queried = []
 
     def begin_task(self, task: Optional[str]) -> None:
         """The members for this task's queries: the recipe's own values, then a per-task override's
@@ -60,8 +61,9 @@ class FusedBackend(Backend):
             if task is not None and override.modules == f"task:{task}":
                 experts.update({name: o.apply_to(experts[name]) for name, o in override.experts.items()})
         members = rules.members(experts, self.spec.names, self.spec.gate_threshold)
-        if self.rule == "route":  # one-hot: the open gate of largest weight answers alone
-            members = [rules.Member(m.name, 1.0, 1.0) for m in sorted(members, key=lambda m: -m.weight)[:1]
+        if self.rule == "route":  # one-hot: the open gate of largest weight answers alone (a tie: by
+            # name, so that the choice does not depend on the order a config file lists the models in)
+            members = [rules.Member(m.name, 1.0, 1.0) for m in sorted(members, key=lambda m: (-m.weight, m.name))[:1]
                        if m.weight > 0]
         if not any(m.weight > 0 for m in members):
             raise EvomergeError("no model is queried with a positive weight (every gate below "

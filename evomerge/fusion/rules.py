@@ -150,7 +150,8 @@ def pooled_answer(per_model: list[tuple[Member, list[Position]]], k: int, temper
 
 def vote(answers: list[tuple[Member, Optional[str]]]) -> str:
     """The answer with the largest sum of weights, among those a positively weighted model gave;
-    ties go to the model first in the pool. No answer at all: the empty string (scored wrong)."""
+    a tie goes to the answer first in text order (not to the order a config lists the models in).
+    No answer at all: the empty string (scored wrong)."""
     totals: dict[str, float] = {}
     for member, answer in answers:
         if answer is not None:
@@ -159,4 +160,4 @@ def vote(answers: list[tuple[Member, Optional[str]]]) -> str:
     proposed = [answer.strip() for member, answer in answers if answer is not None and member.weight > 0]
     if not proposed:
         return ""
-    return max(dict.fromkeys(proposed), key=lambda a: totals[a])
+    return max(sorted(set(proposed)), key=lambda a: totals[a])

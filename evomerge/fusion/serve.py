@@ -35,6 +35,8 @@ class FusionConfig(Frozen):
     alpha: float = Field(0.1, ge=0, le=1)
     top_logprobs: int = Field(5, ge=1, le=20)
     gate_threshold: float = Field(0.1, ge=0, lt=1)
+    tasks: dict[str, dict[str, dict[str, float]]] = Field(
+        default_factory=dict, description="per task (a per_task search): each model's weight and gate for its queries")
 
 
 def fusion_config(recipe: Recipe, pool_spec: dict[str, Any]) -> dict[str, Any]:
@@ -43,9 +45,16 @@ def fusion_config(recipe: Recipe, pool_spec: dict[str, Any]) -> dict[str, Any]:
     queried = rules.members(recipe.experts, spec.names, spec.gate_threshold)
     models = {m.name: {**spec.models[m.name].model_dump(mode="json", exclude_none=True), "weight": m.weight,
                        "gate": m.gate} for m in queried}
+    tasks = {o.modules.removeprefix("task:"): {name: {k: v for k, v in (("weight", e.weight), ("gate", e.density))
+                                                       if v is not None} for name, e in o.experts.items()}
+             for o in recipe.overrides if o.modules and o.modules.startswith("task:")}
+    if tasks:  # a per-task fusion queries, for some task, models the recipe's own values leave out
+        used = {name for values in tasks.values() for name in values}
+        models.update({n: {**spec.models[n].model_dump(mode="json", exclude_none=True), "weight": 0.0, "gate": 0.0}
+                       for n in spec.names if n in used and n not in models})
     return {"rule": recipe.method, "temperature": float(recipe.parameters.get("temperature", 1.0)),
             "alpha": float(recipe.parameters.get("alpha", 0.1)), "top_logprobs": spec.top_logprobs,
-            "gate_threshold": spec.gate_threshold, "models": models}
+            "gate_threshold": spec.gate_threshold, "models": models, **({"tasks": tasks} if tasks else {})}
 
 
 def load_fusion(path: Path) -> FusionConfig:
@@ -56,8 +65,10 @@ def load_fusion(path: Path) -> FusionConfig:
         raise ConfigError(f"{path}: {validation_message(error)}") from None
 
 
-def fuse(path: Path, prompts: list[str], max_tokens: int = 64, stop: list[str] | None = None) -> tuple[list[str], dict]:
-    """The fusion's answers to `prompts`, and what they cost (calls, tokens, USD)."""
+def fuse(path: Path, prompts: list[str], max_tokens: int = 64, stop: list[str] | None = None,
+         task: str | None = None) -> tuple[list[str], dict]:
+    """The fusion's answers to `prompts` (as queries of `task`, for a per-task fusion), and what
+    they cost (calls, tokens, USD)."""
     from evomerge.fusion.backend import FusedBackend
     from evomerge.fusion.cache import QueryCache
     from evomerge.fusion.client import ModelClients
@@ -70,8 +81,17 @@ def fuse(path: Path, prompts: list[str], max_tokens: int = 64, stop: list[str] |
     found = probe(spec)
     clients = ModelClients(spec, {spec.models[n].endpoint for n, f in found.items() if f["lora_server"]}, QueryCache(None))
     backend = FusedBackend(spec, clients, {n for n, f in found.items() if f["logprobs"]}, config.rule)
+    if config.tasks and task not in config.tasks:
+        raise ConfigError(f"{path}: this fusion answers each task with its own models: give --task, one of "
+                          f"{', '.join(config.tasks)}")
+    overrides = [{"modules": f"task:{name}", "experts": {n: {"weight": v.get("weight"), "density": v.get("gate")}
+                                                         for n, v in values.items()}}
+                 for name, values in config.tasks.items()]
     backend.use(Recipe(method=config.rule, experts={n: {"weight": m.weight, "density": m.gate} for n, m in base.items()},
-                       parameters={"temperature": config.temperature, "alpha": config.alpha} if config.rule == "log_linear" else {}))
+                       parameters={"temperature": config.temperature, "alpha": config.alpha} if config.rule == "log_linear" else {},
+                       overrides=overrides))
+    if task is not None:
+        backend.begin_task(task)
     kwargs = {"until": list(stop if stop is not None else ["\n"]), "max_gen_toks": max_tokens}
     answers = backend.generate_until([(prompt, kwargs) for prompt in prompts])
     return answers, {**clients.spending.as_dict(), "serving_usd": backend.serving_usd}
