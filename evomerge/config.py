@@ -16,85 +16,20 @@ from __future__ import annotations
 import re
 import urllib.parse
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 from pydantic import Field, ValidationError
 
 from evomerge.errors import ConfigError, redact, validation_message
 from evomerge.schema import Strict
 from evomerge.pool import Pool
-from evomerge.poolkinds import kind_of_spec, pool_kind
+from evomerge.poolkinds import pool_kind
+from evomerge.poolspec import PoolSpec, parse_pool_spec, resolve_pool_spec
 from evomerge.mergekit_yaml import is_mergekit_config, recipe_from_mergekit
 from evomerge.recipe import Recipe, load_yaml_file
 
 
-def resolve_pool_spec(spec: Any, relative_to: Path, where: str) -> dict[str, Any]:
-    """A pool given inline or as a path to a pool YAML -> {base, experts} with absolute paths."""
-    if isinstance(spec, str):
-        pool_file = (relative_to / spec).resolve()
-        return resolve_pool_spec(load_yaml_file(pool_file), pool_file.parent, str(pool_file))
-    kind = kind_of_spec(spec)
-    if kind is None:
-        raise ConfigError(f"{where}: pool needs `base: PATH` and `experts: {{NAME: PATH}}` (or a path to a pool "
-                          "YAML, `endpoint: URL` of a provider, or `models:` of API models to fuse)")
-    return kind.resolve(spec, relative_to, where)
-
-
-def resolve_local_spec(spec: dict[str, Any], relative_to: Path, where: str) -> dict[str, Any]:
-    """{base, experts, tokenizer?} with absolute paths, every path checked."""
-    if "base" not in spec or "experts" not in spec:
-        raise ConfigError(f"{where}: pool needs `base: PATH` and `experts: {{NAME: PATH}}` (or a path to a pool "
-                          "YAML, or `endpoint: URL` of a provider)")
-    extra = set(spec) - {"base", "experts", "tokenizer"}
-    if extra:
-        raise ConfigError(f"{where}: pool.{sorted(extra)[0]}: unknown key (a pool has base, experts, tokenizer)")
-    experts = spec["experts"]
-    if isinstance(experts, list):
-        experts = _named_by_folder(experts, where)
-    if not isinstance(experts, dict) or not experts:
-        raise ConfigError(f"{where}: pool.experts must map names to paths")
-    resolved = {"base": _local_path(spec["base"], relative_to, f"{where}: pool.base"),
-                "experts": {str(n): _local_path(p, relative_to, f"{where}: pool.experts.{n}") for n, p in experts.items()}}
-    tokenizer = spec.get("tokenizer")
-    if tokenizer not in (None, "base"):  # whose tokenizer a merged model gets: an expert's name or a path
-        resolved["tokenizer"] = resolved["experts"].get(str(tokenizer)) or _local_path(
-            tokenizer, relative_to, f"{where}: pool.tokenizer")
-    return resolved
-
-
-def _named_by_folder(paths: list[Any], where: str) -> dict[str, Any]:
-    """The list form of pool.experts: each expert is named after its folder, so two folders of one
-    name would be one expert (the last): refused."""
-    named: dict[str, Any] = {}
-    for path in paths:
-        name = Path(str(path)).name
-        if name in named:
-            raise ConfigError(f"{where}: pool.experts: {named[name]} and {path} are both named {name!r} (the folder "
-                              "name); give them as a mapping NAME: PATH")
-        named[name] = path
-    return named
-
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")  # org/name, as on the Hugging Face hub
-
-
-def _local_path(given: Any, relative_to: Path, where: str) -> str:
-    """`given` resolved against `relative_to`; a hub id or mergekit's model+lora form that is not a
-    local path is refused here, with what to do instead (a missing local path is the pool's to report)."""
-    given = str(given)
-    path = (relative_to / Path(given).expanduser()).resolve()
-    if not path.exists():
-        if "+" in given:
-            raise ConfigError(f"{where}: {given!r}: mergekit's MODEL+LORA form is not supported; list the LoRA "
-                              "adapter as an expert of its own (evomerge applies it to the base)")
-        if HUB_ID.match(given):
-            raise ConfigError(f"{where}: {given!r} is not a local directory, and Hugging Face hub ids are not "
-                              f"supported offline; download it first (huggingface-cli download {given} --local-dir "
-                              "DIR) and give the local path")
-    return str(path)
-
-
-def load_merge_config(path: Path) -> tuple[Recipe, dict[str, Any]]:
+def load_merge_config(path: Path) -> tuple[Recipe, PoolSpec]:
     """(recipe, pool spec with absolute paths) from an evomerge or mergekit merge config."""
     path = Path(path)
     data = load_yaml_file(path)
@@ -107,9 +42,9 @@ def load_merge_config(path: Path) -> tuple[Recipe, dict[str, Any]]:
     return Recipe.from_dict(data["recipe"], f"{path}: recipe"), spec
 
 
-def open_pool(spec: dict[str, Any]) -> Pool:
+def open_pool(spec: PoolSpec | dict[str, Any]) -> Pool:
     """The weights of a resolved pool spec (a provider's are not here: one line saying so)."""
-    return pool_kind(spec).open()
+    return pool_kind(parse_pool_spec(spec)).open()
 
 
 # ---- search config ----------------------------------------------------------------------------
@@ -144,7 +79,9 @@ class SearchConfig(Strict):
     """A run config. Paths are relative to the config file; `config.yaml` in the run dir holds them resolved."""
 
     name: str | None = None
-    pool: str | dict[str, Any]
+    # What a user wrote (a pool YAML's path, or a mapping with relative paths) until `resolved`, then
+    # the typed spec with absolute paths (what a run's config.json keeps and is read back as).
+    pool: Union[PoolSpec, str, dict[str, Any]] = Field(union_mode="left_to_right")
     space: str | dict[str, Any] = "evo-merging"
     suite: str | None = None
     backend: dict[str, Any] = Field(default_factory=lambda: {"name": "hf"})

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from evomerge.errors import ConfigError
 from evomerge.recipe import ExpertOverride, Override, Recipe
+
+if TYPE_CHECKING:
+    from evomerge.poolspec import LocalPoolSpec
 
 
 MERGEKIT_EXPERT_KEYS = {"weight", "density"}
@@ -296,7 +299,7 @@ def _unique_name(name: str, taken: dict[str, str]) -> str:
     return candidate
 
 
-def recipe_to_mergekit(recipe: Recipe, pool_spec: dict[str, Any]) -> dict[str, Any]:
+def recipe_to_mergekit(recipe: Recipe, pool_spec: "LocalPoolSpec") -> dict[str, Any]:
     """The mergekit YAML for a recipe, when mergekit can express it (else ConfigError saying why)."""
     from evomerge.methods import EVOMERGE_ONLY_PARAMS, get_method
 
@@ -316,8 +319,8 @@ def recipe_to_mergekit(recipe: Recipe, pool_spec: dict[str, Any]) -> dict[str, A
                 base_value = per_model[name][key]
                 entries = base_value if isinstance(base_value, list) else [{"value": base_value}]
                 per_model[name][key] = [{"filter": reverse_filters[override.modules], "value": value}] + entries
-    models = [{"model": str(pool_spec["experts"][n]), "parameters": per_model[n]} for n in recipe.experts]
-    out: dict[str, Any] = {"merge_method": method.mergekit_name, "base_model": str(pool_spec["base"]), "models": models}
+    models = [{"model": str(pool_spec.experts[n]), "parameters": per_model[n]} for n in recipe.experts]
+    out: dict[str, Any] = {"merge_method": method.mergekit_name, "base_model": str(pool_spec.base), "models": models}
     if recipe.parameters:
         out["parameters"] = dict(recipe.parameters)
     if recipe.dtype:

@@ -7,9 +7,10 @@
 - `fusion`: API models (evomerge/fusion); a candidate fuses their answers, scored on the config's
   suite from the run's query cache, with its serving cost per query.
 
-A pool spec says its kind by its keys (`endpoint:` remote, `models:` fusion, `base:` + `experts:` local). Everything
-that differs between kinds is a method or a declaration here, so the config, the search, the
-WorkerPool and `export` never ask which kind they hold. A new kind is one class and one POOL_KINDS line.
+A pool spec (poolspec.py: a typed union, told apart by its keys as users write them) maps to its kind
+here. Everything that differs between kinds is a method or a declaration here, so the config, the search, the
+WorkerPool and `export` never ask which kind they hold. A new kind is its spec model (a member of
+`PoolSpec`) and one class here with a POOL_KINDS line.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 from evomerge.errors import ConfigError
+from evomerge.poolspec import PoolSpec, parse_pool_spec
 
 if TYPE_CHECKING:
     from evomerge.config import SearchConfig
@@ -37,19 +39,13 @@ class PoolInfo:
 
 
 class PoolKind:
-    name: ClassVar[str]
-    keys: ClassVar[frozenset[str]]  # a spec with any of these keys is of this kind
+    name: ClassVar[str]  # the spec's tag in poolspec.PoolSpec
     scores_itself: ClassVar[bool] = False  # scored on the pool's own suite: a config gives none
     uses_devices: ClassVar[bool] = True  # its workers run on workers.device (GPUs are counted for them)
     reports_cost: ClassVar[bool] = False  # its results carry a serving cost per query (API models)
 
-    def __init__(self, spec: dict[str, Any]):
+    def __init__(self, spec: PoolSpec):
         self.spec = spec
-
-    @classmethod
-    def resolve(cls, spec: dict[str, Any], relative_to: Path, where: str) -> dict[str, Any]:
-        """The spec checked and made absolute, as it is stored in a run's config.json."""
-        raise NotImplementedError
 
     def info(self, config: "SearchConfig") -> PoolInfo:
         """Checked before any run dir or worker: a bad pool is one line now, not a failed budget."""
@@ -76,13 +72,6 @@ class PoolKind:
 
 class LocalPool(PoolKind):
     name = "local"
-    keys = frozenset({"base", "experts"})
-
-    @classmethod
-    def resolve(cls, spec, relative_to, where):
-        from evomerge.config import resolve_local_spec
-
-        return resolve_local_spec(spec, relative_to, where)
 
     def info(self, config):
         pool = self.open().validate(check_values=True)  # a NaN expert: one line now
@@ -96,7 +85,7 @@ class LocalPool(PoolKind):
         from evomerge.pool import Pool
 
         spec = self.spec
-        return Pool(Path(spec["base"]), {name: Path(p) for name, p in spec["experts"].items()}, spec.get("tokenizer"))
+        return Pool(spec.base, dict(spec.experts), None if spec.tokenizer is None else str(spec.tokenizer))
 
     def new_worker(self, config, threads, device, run_dir=None):
         from evomerge.worker import ray_worker_class
@@ -126,15 +115,8 @@ class LocalPool(PoolKind):
 
 class RemotePool(PoolKind):
     name = "remote"
-    keys = frozenset({"endpoint"})
     scores_itself = True  # the provider's suite
     uses_devices = False  # its workers wait on HTTP
-
-    @classmethod
-    def resolve(cls, spec, relative_to, where):
-        from evomerge.provider_client import resolve_remote_spec
-
-        return resolve_remote_spec(spec, where)
 
     def info(self, config):
         from evomerge.provider_client import pool_info
@@ -144,7 +126,7 @@ class RemotePool(PoolKind):
                         provider=provider)
 
     def open(self):
-        raise ConfigError(f"the pool is held by the provider at {self.spec['endpoint']}: its weights are not here "
+        raise ConfigError(f"the pool is held by the provider at {self.spec.endpoint}: its weights are not here "
                           "(ask the provider to export the recipe)")
 
     def new_worker(self, config, threads, device, run_dir=None):
@@ -163,7 +145,7 @@ class RemotePool(PoolKind):
         output = check_output_dir(output)
         with staged_dir(output) as staging:
             (staging / "merge.yaml").write_text(  # `evomerge merge merge.yaml -o DIR`, where the pool is
-                f"pool: POOL.yaml  # the provider's pool ({self.spec['endpoint']})\n"
+                f"pool: POOL.yaml  # the provider's pool ({self.spec.endpoint})\n"
                 + yaml.safe_dump({"recipe": recipe.model_dump(mode="json")}, sort_keys=False))
             recipe.save(staging / "recipe.yaml")
         return output
@@ -173,23 +155,16 @@ class FusionPool(PoolKind):
     """API models whose answers are fused (evomerge/fusion): a candidate is a fusion recipe."""
 
     name = "fusion"
-    keys = frozenset({"models"})
     uses_devices = False  # its workers wait on HTTP
     reports_cost = True  # each result carries its serving cost (multi_objective: cost)
-
-    @classmethod
-    def resolve(cls, spec, relative_to, where):
-        from evomerge.fusion.spec import resolve_fusion_spec
-
-        return resolve_fusion_spec(spec, where)
 
     def info(self, config):
         """Every model asked once (one line per model that cannot be used), and the space's rule
         checked against what the models give and what the suite asks."""
         from evomerge.evaluator import load_suite
-        from evomerge.fusion.spec import parse_spec, probe
+        from evomerge.fusion.spec import probe
 
-        found = probe(parse_spec(self.spec))
+        found = probe(self.spec)
         rule = fusion_rule(config)
         suite = load_suite(config.suite)
         tasks = [t.task for t in suite.tasks]  # per_task spaces have genes per task
@@ -202,7 +177,7 @@ class FusionPool(PoolKind):
         if rule == "vote" and scored:
             raise ConfigError(f"suite: task {scored[0]!r} needs log-likelihoods, which the vote rule does not give; "
                               "score it with generate_until tasks, or use rule log_linear")
-        return PoolInfo(experts=list(self.spec["models"]), n_layers=0, tasks=tasks)
+        return PoolInfo(experts=self.spec.names, n_layers=0, tasks=tasks)
 
     def open(self):
         raise ConfigError("the pool is API models: there are no weights to merge (export writes the fusion)")
@@ -257,19 +232,12 @@ def fusion_rule(config: "SearchConfig") -> str:
     return methods[0]
 
 
-POOL_KINDS: tuple[type[PoolKind], ...] = (RemotePool, FusionPool, LocalPool)  # the first whose keys a spec has
+POOL_KINDS: dict[str, type[PoolKind]] = {kind.name: kind for kind in (LocalPool, RemotePool, FusionPool)}
 
 
-def kind_of_spec(spec: Any) -> Optional[type[PoolKind]]:
-    if not isinstance(spec, dict):
-        return None
-    return next((kind for kind in POOL_KINDS if kind.keys & set(spec)), None)
+def pool_kind(spec: "PoolSpec | dict[str, Any]") -> PoolKind:
+    """The kind of a resolved spec (a run's config.json holds one), wrapping its typed model."""
+    from evomerge.poolspec import spec_kind
 
-
-def pool_kind(spec: dict[str, Any]) -> PoolKind:
-    """The kind of a resolved spec (a run's config.json holds one), wrapping it."""
-    kind = kind_of_spec(spec)
-    if kind is None:
-        raise ConfigError(f"pool: not a pool spec ({sorted(spec) if isinstance(spec, dict) else type(spec).__name__}); "
-                          "a pool has `base:` and `experts:`, `endpoint:` of a provider, or `models:` (API models)")
-    return kind(spec)
+    spec = parse_pool_spec(spec)
+    return POOL_KINDS[spec_kind(spec)](spec)

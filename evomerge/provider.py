@@ -35,18 +35,19 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from evomerge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from evomerge.poolspec import PoolSpec
 from evomerge.provider_client import (  # noqa: F401 - the public names, importable from here as before
     RETRIES,
     RETRY_WAIT_S,
     ProviderError,
     RemoteWorker,
-    is_remote,
     pool_info,
     request,
-    resolve_remote_spec,
     token_from_env,
 )
 from evomerge.patterns import (  # noqa: F401 - the provider's pattern rules, importable from here as before
@@ -86,7 +87,7 @@ class Provider:
     `objective` ("module:function", as in a search config) scores without loading models (tests);
     the pool is still opened for its names and layer count."""
 
-    def __init__(self, pool_spec: dict[str, Any], suite: Path | None, backend: dict[str, Any], device: str = "cpu",
+    def __init__(self, pool_spec: "PoolSpec", suite: Path | None, backend: dict[str, Any], device: str = "cpu",
                  threads: int | None = None, objective: str | None = None):
         from evomerge.config import open_pool
         from evomerge.worker import Worker

@@ -1,4 +1,4 @@
-"""The search's side of a provider (`evomerge serve`, evomerge/provider.py): remote pool specs, the
+"""The search's side of a provider (`evomerge serve`, evomerge/provider.py): the token, the
 HTTP call, and `RemoteWorker`, which has the Worker's interface over the endpoint.
 
 Only the standard library: a search that names an endpoint needs no server packages.
@@ -13,40 +13,22 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import ConfigError, redact
+
+if TYPE_CHECKING:
+    from evomerge.poolspec import RemotePoolSpec  # pydantic; kept out of the import of this module
 
 RETRIES = 3  # attempts while the provider refuses connections (GET: also on 5xx); never after a timeout
 RETRY_WAIT_S = 1.0  # doubled after each failed attempt
 MAX_RETRY_AFTER_S = 60.0  # the most a busy provider's Retry-After makes a client wait
 
 
-def is_remote(pool_spec: Any) -> bool:
-    return isinstance(pool_spec, dict) and "endpoint" in pool_spec
-
-
-def resolve_remote_spec(spec: dict[str, Any], where: str) -> dict[str, Any]:
-    """{endpoint, token_env} checked; the token itself is never part of a spec (nor of a run dir)."""
-    extra = set(spec) - {"endpoint", "token_env"}
-    if extra:
-        raise ConfigError(f"{where}: a remote pool has `endpoint:` and `token_env:` only, not {sorted(extra)}"
-                          + ("; put the token in an environment variable and name it in token_env"
-                             if extra & {"token", "api_key"} else ""))
-    endpoint = str(spec["endpoint"]).rstrip("/")
-    parsed = urllib.parse.urlsplit(endpoint)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise ConfigError(f"{where}: pool.endpoint must be an http(s) URL, got {endpoint!r}")
-    if parsed.username or parsed.password or parsed.query:
-        raise ConfigError(f"{where}: pool.endpoint must not carry credentials or a query; name the token's "
-                          "environment variable in token_env")
-    return {"endpoint": endpoint, "token_env": str(spec.get("token_env") or "EVOMERGE_TOKEN")}
-
-
-def token_from_env(spec: dict[str, Any]) -> str:
-    token = os.environ.get(spec["token_env"])
+def token_from_env(spec: RemotePoolSpec) -> str:
+    token = os.environ.get(spec.token_env)
     if not token:
-        raise ConfigError(f"pool {spec['endpoint']}: set the provider's token in ${spec['token_env']}")
+        raise ConfigError(f"pool {spec.endpoint}: set the provider's token in ${spec.token_env}")
     return token
 
 
@@ -103,27 +85,27 @@ def request(endpoint: str, path: str, token: str, body: dict | None = None, time
             wait *= 2
 
 
-def pool_info(spec: dict[str, Any]) -> dict[str, Any]:
+def pool_info(spec: RemotePoolSpec) -> dict[str, Any]:
     """What the search needs to know about a remote pool (expert names, layer count), checking
     the endpoint and the token once, up front: a wrong token is a config error, not 200 failures."""
     try:
-        info = request(spec["endpoint"], "/v1/pool", token_from_env(spec), timeout=30.0)
+        info = request(spec.endpoint, "/v1/pool", token_from_env(spec), timeout=30.0)
         return {"experts": [str(e) for e in info["experts"]], "n_layers": int(info["n_layers"]),
                 "suite": str(info.get("suite", "")), "tasks": [str(t) for t in info.get("tasks", [])]}
     except ProviderError as error:
         raise ConfigError(f"pool: {error}") from None
     except (ValueError, KeyError, TypeError):
-        raise ConfigError(f"pool: {spec['endpoint']}/v1/pool did not answer as `evomerge serve` does") from None
+        raise ConfigError(f"pool: {spec.endpoint}/v1/pool did not answer as `evomerge serve` does") from None
 
 
 class RemoteWorker:
     """The Worker interface (info, evaluate) over a provider's endpoint."""
 
-    def __init__(self, spec: dict[str, Any], timeout_s: float):
+    def __init__(self, spec: RemotePoolSpec, timeout_s: float):
         # Read here, not passed in: an actor's arguments are stored by Ray (its GCS); the
         # environment is inherited from the driver on a local cluster (set it on every node of a
         # remote one).
-        self.endpoint, self.token, self.timeout_s = spec["endpoint"], token_from_env(spec), timeout_s
+        self.endpoint, self.token, self.timeout_s = spec.endpoint, token_from_env(spec), timeout_s
 
     def info(self) -> dict[str, Any]:
         return {"pid": os.getpid()}

@@ -21,10 +21,8 @@ lock (``Run.lock``) is held for the whole of ``execute``: a second search or res
 from __future__ import annotations
 
 import collections
-import re
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,46 +33,12 @@ from evomerge.errors import EvomergeError
 from evomerge.optimizers import Bounds, SearchContext, build_optimizer, merge_optimizer_config
 from evomerge.poolkinds import pool_kind
 from evomerge.recipe import Recipe
+from evomerge.failures import FailureWatch, references_all_failed
 from evomerge.run import CHECKPOINT, EVALUATIONS, LEGACY_CHECKPOINT, REFERENCES, STATUS, Evaluation, Run
+from evomerge.searchstate import STAGE_OFFSET, InFlight, State
 from evomerge.workerpool import WorkerPool
 
 PROVIDER = "provider.json"  # what a remote pool's provider served: experts, layers, suite, tasks
-STAGE_OFFSET = 1_000_000  # candidate id = stage * STAGE_OFFSET + the optimizer's id
-
-
-@dataclass
-class InFlight:
-    id: int
-    x: list[float]
-    attempts: int = 0
-
-
-@dataclass
-class State:
-    """Everything a resume needs besides the log; written as JSON into checkpoint.json."""
-
-    stage: int = 0
-    optimizer: dict[str, Any] | None = None  # Optimizer.state_dict(): plain data
-    fixed: dict[str, Any] | None = None  # the recipe earlier stages settled on
-    in_flight: dict[int, InFlight] = field(default_factory=dict)
-    # how many of this stage's candidates were asked and told is the optimizer's (n_asked, n_told,
-    # replayed from its journal): kept once, not here as well
-    logged: int = 0  # evaluations in the log (all stages) when this was written
-    last_id: int | None = None  # the id of the last of them: the log and the checkpoint must agree
-
-    @classmethod
-    def from_data(cls, data: dict[str, Any], where: Path) -> "State":
-        """From checkpoint.json's data; anything malformed is one line naming the file."""
-        data = {k: v for k, v in data.items() if k not in ("format", "told", "asked")}  # told/asked: older checkpoints kept them
-        try:
-            in_flight = {int(k): InFlight(**v) for k, v in (data.pop("in_flight", None) or {}).items()}
-            state = cls(**data, in_flight=in_flight)
-            if not all(isinstance(v, int) for v in (state.stage, state.logged)):
-                raise TypeError("stage and the counts must be integers")
-        except (TypeError, ValueError, AttributeError) as error:
-            raise EvomergeError(f"{where} is not a checkpoint this evomerge wrote ({error}); delete it to "
-                                f"rebuild the run's state from {EVALUATIONS}, then resume") from None
-        return state
 
 
 class Search:
@@ -95,7 +59,7 @@ class Search:
             load_suite(config.suite)
         self._make_optimizer(self.space.stage(0), State(), n_objectives=1)
         self.pool = WorkerPool(config)  # Ray, the workers, dispatch: the loop sees candidates and results
-        self._early_failures: list[str] | None = None  # this session's first failure reasons (_stop_if_broken)
+        self.failures = FailureWatch(config.workers.count)  # a broken setup stops the search early
 
     # ---- the public entry ---------------------------------------------------------------------
     def execute(self, run: Run, progress: Any = None) -> Run:
@@ -145,7 +109,7 @@ class Search:
         if recorded is None:
             self.run.write_json(PROVIDER, self.provider_info)
         elif recorded != self.provider_info:
-            raise EvomergeError(f"{self.run.path}: the provider at {self.config.pool['endpoint']} now serves "
+            raise EvomergeError(f"{self.run.path}: the provider at {self.config.pool.endpoint} now serves "
                                 f"{self.provider_info} but this run was made against {recorded}")
 
     # ---- stages -------------------------------------------------------------------------------
@@ -179,7 +143,7 @@ class Search:
             state.fixed = min(stage_done, key=lambda e: e.objective).recipe
         state.stage += 1
         state.optimizer, state.in_flight = None, {}
-        self._early_failures = []  # a stage that breaks (its genes make every merge fail) stops too
+        self.failures.start()  # a stage that breaks (its genes make every merge fail) stops too
         self.run.save_checkpoint(state.__dict__)
 
     def _run_stage(self, state: State) -> None:
@@ -296,7 +260,7 @@ class Search:
         self.pool.stop_ray()
 
     def _start_workers(self) -> None:
-        self._early_failures = []
+        self.failures.start()
         pids = self.pool.start(self.run.path)
         self.run.set_status("running", budget=self.config.budget, workers=pids)
 
@@ -304,29 +268,13 @@ class Search:
         self.pool.stop()
 
     def _stop_if_broken(self, result: dict[str, Any], state: State, told: int) -> None:
-        """A broken setup (a field every record lacks, an endpoint that is down, a model that does
-        not load) fails every candidate the same way: when this session's or this stage's first K
-        results all failed with one reason, stop with it instead of spending the rest of the budget
-        on it (a stage's own genes can break every merge where the stage before worked)."""
-        failures = self._early_failures
         later = range(state.stage + 1, self.space.n_stages)
         left = self.stage_budget(state.stage) - told + sum(self.stage_budget(s) for s in later)
-        if failures is None or left <= 0:
-            return
-        if result.get("status") == "ok":
-            self._early_failures = None  # something works: the search goes on, failures and all
-            return
-        failures.append(_reason_kind(result.get("reason", "")))
-        k = max(EARLY_STOP_AFTER, self.config.workers.count)
-        if len(failures) >= k:
-            self._early_failures = None
-            if len(set(failures)) == 1:
-                stage = ""
-                if self.space.n_stages > 1:
-                    name = self.space.stages[state.stage].name
-                    stage = f" in stage {state.stage + 1} of {self.space.n_stages}" + (f" ({name})" if name else "")
-                raise EvomergeError(f"stopped: the first {k} candidates{stage} all failed with the same reason: "
-                                    f"{result.get('reason', '')[:300]} (fix that, then `evomerge resume {self.run.path}`)")
+        stage = ""
+        if self.space.n_stages > 1:
+            name = self.space.stages[state.stage].name
+            stage = f" in stage {state.stage + 1} of {self.space.n_stages}" + (f" ({name})" if name else "")
+        self.failures.watch(result, left, stage, self.run.path)
 
     def _score_references(self) -> None:
         """The base and each expert, scored on the same suite by the same workers, through the same
@@ -336,14 +284,7 @@ class Search:
         names = list(recipes)
         jobs = [(InFlight(i, []), recipes[name].model_dump(mode="json")) for i, name in enumerate(names)]
         results = {names[reference.id]: result for reference, result in self.pool.run_all(jobs)}
-        failed = [r.get("reason", "") for r in results.values() if r.get("status") != "ok"]
-        if len(failed) == len(names):  # even the base fails: so will every candidate
-            kind, count = collections.Counter(map(_reason_kind, failed)).most_common(1)[0]
-            reason = next(r for r in failed if _reason_kind(r) == kind)
-            raise EvomergeError(f"stopped before the search: {'every' if count == len(names) else f'{count} of the'} "
-                                f"{len(names)} references (the base and each expert) failed"
-                                f"{'' if count == len(names) else ', the most common reason'}: {reason[:300]} "
-                                f"(fix that, then `evomerge resume {self.run.path}`)")
+        references_all_failed(results, self.run.path)  # even the base fails: so will every candidate
         self.run.write_json(REFERENCES, {name: results[name] for name in names})
 
     def _restore(self) -> State:
@@ -411,15 +352,6 @@ class Search:
         state.optimizer = optimizer.state_dict()
         self.run.save_checkpoint(state.__dict__)
         return state
-
-
-EARLY_STOP_AFTER = 3  # at least this many first results failed alike stop a search (_stop_if_broken)
-
-
-def _reason_kind(reason: str) -> str:
-    """A failure reason without what differs between candidates (recipe ids, numbers), so that
-    "tensor x holds NaN (recipe 3fa2c1)" is the same reason for every candidate."""
-    return re.sub(r"\b(?=[0-9a-f]*\d)[0-9a-f]{6,}\b|\d+(?:\.\d+)?(?:e[-+]?\d+)?", "#", reason)
 
 
 def search(config: SearchConfig, run_dir: Path, progress: Any = None) -> Run:

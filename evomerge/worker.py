@@ -22,10 +22,13 @@ import tempfile
 import threading
 import time
 import traceback
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.recipe import Recipe
+
+if TYPE_CHECKING:
+    from evomerge.poolspec import PoolSpec
 
 LOCAL_START_TIMEOUT_S = 120.0  # a local Ray start takes seconds; more means something is wrong
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
@@ -37,7 +40,7 @@ def load_callable(spec: str) -> Callable[..., Any]:
 
 
 class Worker:
-    def __init__(self, pool_spec: dict[str, Any], suite: str | None, backend: dict[str, Any],
+    def __init__(self, pool_spec: "PoolSpec", suite: str | None, backend: dict[str, Any],
                  device: str = "cpu", threads: int | None = None, objective: str | None = None):
         import torch
 
@@ -59,7 +62,7 @@ class Worker:
         self.merger = ResidentMerger(self.pool, device)
         self.suite = load_suite(suite)  # a file or a shipped name, optionally NAME:SPLIT
         options = {k: v for k, v in backend.items() if k != "name"}
-        self.backend = build_backend(backend.get("name", "hf"), model=pool_spec["base"], device=device, **options)
+        self.backend = build_backend(backend.get("name", "hf"), model=str(self.pool.base_path), device=device, **options)
         self.prepared = PreparedSuite(self.suite, self.backend)  # requests built once, scored per candidate
 
     def _swap_weights(self, recipe: Recipe) -> None:

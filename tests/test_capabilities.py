@@ -91,7 +91,7 @@ def zoo_workers(tiny_zoo):
     spec = resolve_pool_spec("pool-full.yaml", tiny_zoo, "zoo")
     in_place = Worker(spec, SUITE, {"name": "hf", "batch_size": 64}, threads=1)
     by_name = Worker(spec, SUITE, {"name": "hf", "batch_size": 64}, threads=1)
-    by_name.backend = _NamedTensorsHF(spec["base"], device="cpu", batch_size=64)
+    by_name.backend = _NamedTensorsHF(str(spec.base), device="cpu", batch_size=64)
     return spec, in_place, by_name
 
 
@@ -113,7 +113,7 @@ def test_hf_search_worker_merges_in_place_and_scores_as_the_named_tensor_path(zo
     monkeypatch.setattr(ResidentMerger, "merged", counting_merged)
     model = in_place.backend.model
     storage = {name: p.data_ptr() for name, p in model.named_parameters()}
-    candidates = _candidates(list(spec["experts"]), in_place.pool.n_layers())
+    candidates = _candidates(list(spec.experts), in_place.pool.n_layers())
     results = [in_place.evaluate(recipe) for recipe in candidates]
     assert all(r["status"] == "ok" for r in results), [r.get("reason") for r in results]
     assert calls == {"apply": len(candidates), "merged": 0}  # in place, no merged state dict built
@@ -143,7 +143,7 @@ def test_a_worker_around_a_backend_that_takes_no_weights_fails_the_candidate_in_
     kept = in_place.backend
     try:
         in_place.backend = Served()
-        result = in_place.evaluate({"method": "linear", "experts": {n: {} for n in spec["experts"]}})
+        result = in_place.evaluate({"method": "linear", "experts": {n: {} for n in spec.experts}})
     finally:
         in_place.backend = kept
     assert result["status"] == "failed" and "takes no weights (weights: none)" in result["reason"]
@@ -167,3 +167,33 @@ def test_backend_base_class_refuses_what_a_backend_does_not_declare():
         backend.apply_chat_template("hi")
     backend.check({"loss"})
     backend.close()  # nothing to stop
+
+
+def test_a_pool_spec_is_typed_by_its_keys_and_a_run_config_reads_back_typed(tmp_path):
+    """What a user writes becomes one member of the PoolSpec union; config.json holds it as data
+    and reads back as the same typed spec, whose PoolKind says what the search may do with it."""
+    import json
+
+    from evomerge.config import SearchConfig
+    from evomerge.fusion.spec import FusionPoolSpec
+    from evomerge.poolkinds import pool_kind
+    from evomerge.poolspec import LocalPoolSpec, RemotePoolSpec, parse_pool_spec
+    from tests.synthetic import make_pool
+
+    written = make_pool(tmp_path / "pool", n_experts=2)
+    relative = {"base": "pool/base", "experts": ["pool/expert0", "pool/expert1"]}  # list form, relative paths
+    config = SearchConfig(pool=relative, suite="zoo-loss").resolved(tmp_path)
+    assert isinstance(config.pool, LocalPoolSpec)
+    assert config.pool.experts == {n: Path(p) for n, p in written["experts"].items()}
+    again = SearchConfig.model_validate(json.loads(json.dumps(config.model_dump(mode="json"))))
+    assert again.pool == config.pool and pool_kind(again.pool).name == "local"
+
+    remote = parse_pool_spec({"endpoint": "http://127.0.0.1:9", "token_env": "T"})
+    assert isinstance(remote, RemotePoolSpec) and pool_kind(remote).scores_itself
+    fusion = parse_pool_spec({"models": {"a": {"endpoint": "http://127.0.0.1:9", "model": "a"}}})
+    assert isinstance(fusion, FusionPoolSpec) and pool_kind(fusion).reports_cost
+    assert fusion.models["a"].endpoint == "http://127.0.0.1:9/v1"
+    with pytest.raises(ConfigError, match=r"^pool: pool\.experts: .*required"):
+        parse_pool_spec({"base": "x"})
+    with pytest.raises(ConfigError, match=r"^pool: pool needs `base: PATH`"):
+        parse_pool_spec({"tokenizer": "x"})

@@ -14,6 +14,7 @@ from evomerge.config import load_merge_config, open_pool
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.materialize import ResidentMerger, check_recipe, merge_state_dict, write_adapter_dir, write_model_dir
 from evomerge.mergekit_yaml import recipe_to_mergekit
+from evomerge.poolspec import parse_pool_spec
 from evomerge.recipe import Recipe
 from tests.synthetic import make_pool
 
@@ -166,14 +167,14 @@ def test_resident_lora_pool(lora_pool):
 def test_mergekit_yaml_round_trip(full_pool, tmp_path, monkeypatch):
     spec, pool = full_pool
     r = recipe("ties", densities=(0.5, 0.6, 0.7), parameters={"lambda": 0.9})
-    mergekit = recipe_to_mergekit(r, spec)
+    mergekit = recipe_to_mergekit(r, parse_pool_spec(spec))
     assert mergekit["merge_method"] == "ties" and mergekit["models"][1]["parameters"] == {"weight": -0.3, "density": 0.6}
     config = tmp_path / "mk.yaml"
     config.write_text(yaml.safe_dump(mergekit))
     monkeypatch.chdir(tmp_path)
     read_back, read_spec = load_merge_config(config)
     assert list(read_back.experts.values()) == list(r.experts.values())
-    assert read_back.parameters == r.parameters and read_spec["base"] == str(Path(spec["base"]).resolve())
+    assert read_back.parameters == r.parameters and read_spec.base == Path(spec["base"]).resolve()
 
 
 def test_mergekit_filters_become_overrides(full_pool, tmp_path, monkeypatch):
@@ -222,7 +223,7 @@ def test_cli_merge_bad_config_is_one_line(tmp_path):
 def test_evomerge_only_flags_are_not_exported_to_mergekit(full_pool):
     spec, _ = full_pool
     with pytest.raises(ConfigError, match="normalize_abs is evomerge's own"):
-        recipe_to_mergekit(recipe("ties", parameters={"normalize_abs": True}), spec)
+        recipe_to_mergekit(recipe("ties", parameters={"normalize_abs": True}), parse_pool_spec(spec))
 
 
 def test_mergekit_out_dtype_is_the_output_dtype(tmp_path):

@@ -17,6 +17,7 @@ import yaml
 
 from evomerge.config import load_search_config
 from evomerge.errors import ConfigError, EvomergeError
+from evomerge.poolspec import RemotePoolSpec
 from evomerge.provider import ProviderError, RemoteWorker, request
 from evomerge.search import search
 
@@ -130,10 +131,10 @@ def test_resume_against_a_provider_serving_something_else_is_refused(provider, t
 def test_bad_recipe_and_unreachable_provider_are_failed_results(provider, monkeypatch):
     endpoint, _ = provider
     monkeypatch.setenv("EVOMERGE_TOKEN", TOKEN)
-    worker = RemoteWorker({"endpoint": endpoint, "token_env": "EVOMERGE_TOKEN"}, timeout_s=60)
+    worker = RemoteWorker(RemotePoolSpec(endpoint=endpoint, token_env="EVOMERGE_TOKEN"), timeout_s=60)
     bad = worker.evaluate({"method": "ties", "experts": {"nope": {"weight": 1.0}}})
     assert bad["status"] == "failed" and "nope" in bad["reason"]
-    gone = RemoteWorker({"endpoint": f"http://127.0.0.1:{free_port()}", "token_env": "EVOMERGE_TOKEN"}, timeout_s=5)
+    gone = RemoteWorker(RemotePoolSpec(endpoint=f"http://127.0.0.1:{free_port()}", token_env="EVOMERGE_TOKEN"), timeout_s=5)
     result = gone.evaluate({"method": "linear", "experts": {"add": {"weight": 1.0}}})
     assert result["status"] == "failed" and "unreachable" in result["reason"]
 

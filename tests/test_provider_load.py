@@ -18,6 +18,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from evomerge.poolspec import RemotePoolSpec
 from evomerge.provider import Limits, Provider, RemoteWorker, bind, make_server, pattern_cost, request
 from evomerge.recipe import Recipe
 from tests.objectives import quadratic
@@ -318,7 +319,7 @@ def test_fifty_concurrent_clients_all_get_an_http_answer(provider):
 
         os.environ["EVOMERGE_LOAD_TOKEN"] = TOKEN
         try:
-            workers = [RemoteWorker({"endpoint": endpoint, "token_env": "EVOMERGE_LOAD_TOKEN"}, timeout_s=30)
+            workers = [RemoteWorker(RemotePoolSpec(endpoint=endpoint, token_env="EVOMERGE_LOAD_TOKEN"), timeout_s=30)
                        for _ in range(clients)]
         finally:
             del os.environ["EVOMERGE_LOAD_TOKEN"]

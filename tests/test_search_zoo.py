@@ -80,10 +80,10 @@ def test_nan_candidate_on_a_real_merge_is_a_failed_result(tiny_zoo):
     spec = resolve_pool_spec("pool-full.yaml", tiny_zoo, "zoo")
     worker = Worker(spec, str(REPO / "evaluators" / "zoo-loss.yaml"), {"name": "hf", "batch_size": 64})
     huge = {"method": "task_arithmetic", "parameters": {"lambda": 1e30},
-            "experts": {name: {"weight": 1e10} for name in spec["experts"]}}
+            "experts": {name: {"weight": 1e10} for name in spec.experts}}
     result = worker.evaluate(huge)
     assert result["status"] == "failed" and "NaN" in result["reason"]
-    fine = worker.evaluate({"method": "task_arithmetic", "experts": {n: {"weight": 0.25} for n in spec["experts"]}})
+    fine = worker.evaluate({"method": "task_arithmetic", "experts": {n: {"weight": 0.25} for n in spec.experts}})
     assert fine["status"] == "ok"  # the worker is still usable after a failed candidate
 
 

@@ -39,7 +39,7 @@ class FusionConfig(Frozen):
         default_factory=dict, description="per task (a per_task search): each model's weight and gate for its queries")
 
 
-def fusion_config(recipe: Recipe, pool_spec: dict[str, Any]) -> dict[str, Any]:
+def fusion_config(recipe: Recipe, pool_spec: "FusionPoolSpec | dict[str, Any]") -> dict[str, Any]:
     """The deployable form of a fusion recipe over a fusion pool: no key, only its env var's name."""
     spec = parse_spec(pool_spec)
     queried = rules.members(recipe.experts, spec.names, spec.gate_threshold)

@@ -65,7 +65,7 @@ class FusionPoolSpec(Frozen):
         return list(self.models)
 
 
-def resolve_fusion_spec(spec: dict[str, Any], where: str) -> dict[str, Any]:
+def resolve_fusion_spec(spec: dict[str, Any], where: str) -> "FusionPoolSpec":
     """The spec validated (one line naming the key), endpoints normalized to their /v1 root."""
     from evomerge.config import refuse_secrets
 
@@ -81,11 +81,11 @@ def resolve_fusion_spec(spec: dict[str, Any], where: str) -> dict[str, Any]:
         if url.username or url.password or url.query:
             raise ConfigError(f"{where}: pool.models.{name}.endpoint must not carry credentials or a query; name "
                               "the key's environment variable in api_key_env")
-    return parsed.model_dump(mode="json")
+    return parsed
 
 
-def parse_spec(spec: dict[str, Any]) -> FusionPoolSpec:
-    return FusionPoolSpec.model_validate(spec)
+def parse_spec(spec: "FusionPoolSpec | dict[str, Any]") -> FusionPoolSpec:
+    return spec if isinstance(spec, FusionPoolSpec) else FusionPoolSpec.model_validate(spec)
 
 
 def probe(spec: FusionPoolSpec) -> dict[str, dict[str, Any]]:
