@@ -57,7 +57,7 @@ class Search:
             from evomerge.evaluator import load_suite
 
             load_suite(config.suite)
-        self._make_optimizer(self.space.stage(0), State(), n_objectives=1)
+        self._make_optimizer(self.space.stage(0), State(), n_objectives=1, references=False)  # checked now
         self.pool = WorkerPool(config)  # Ray, the workers, dispatch: the loop sees candidates and results
         self.failures = FailureWatch(config.workers.count)  # a broken setup stops the search early
 
@@ -124,11 +124,12 @@ class Search:
         fixed = Recipe.model_validate(state.fixed) if state.fixed else None
         return self.space.stage(state.stage, fixed_from=fixed)
 
-    def _make_optimizer(self, stage_space, state: State, n_objectives: int | None = None):
+    def _make_optimizer(self, stage_space, state: State, n_objectives: int | None = None, references: bool = True):
         options = merge_optimizer_config(stage_space.optimizer_hints, self.config.optimizer)
         if n_objectives is None:
             n_objectives = {"scalar": 1, "cost": 2}.get(self.config.objectives) or len(self._task_names())
-        bounds = Bounds(lower=stage_space.lower, upper=stage_space.upper, x0=stage_space.x0)
+        x0 = self._warm_x0(stage_space) if references else stage_space.x0
+        bounds = Bounds(lower=stage_space.lower, upper=stage_space.upper, x0=x0)
         context = SearchContext(budget=self.stage_budget(state.stage), workers=self.config.workers.count,
                                 space=stage_space)
         optimizer = build_optimizer(options, bounds, context, seed=self.config.seed + state.stage,
@@ -136,6 +137,14 @@ class Search:
         if state.optimizer is not None:
             optimizer.load_state_dict(state.optimizer)
         return optimizer
+
+    def _warm_x0(self, stage_space) -> np.ndarray:
+        """The space's init, or where the pool kind says to start from the scored references
+        (derived from references.json each time, so a rebuilt optimizer starts where it did)."""
+        warm = self.pool.kind.warm_start(self.run.read_json(REFERENCES) or {}, self.config)
+        if warm is None:
+            return stage_space.x0
+        return np.clip(stage_space.to_vector(warm), stage_space.lower, stage_space.upper)
 
     def _next_stage(self, state: State) -> None:
         stage_done = [e for e in self.run.evaluations() if e.stage == state.stage and e.ok]

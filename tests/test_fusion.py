@@ -271,3 +271,13 @@ def test_routing_sends_each_tasks_queries_to_one_model_and_breaks_ties_by_name()
     assert [m.name for m in backend.members] == ["alpha"]
     backend.begin_task("t3")  # no override for it: the recipe's own values
     assert [m.name for m in backend.members] == ["alpha"] and backend.queried == ["beta", "alpha"]
+
+
+def test_a_blank_proposal_is_an_answer_only_when_no_model_proposes_another():
+    """Reranking whole answers by their pooled log-prob: a blank answer (one space) is a prefix of
+    nearly every answer and would outscore them all, so it is dropped beside a real one."""
+    from evomerge.fusion.backend import _proposals
+
+    assert _proposals([" ", " ABC", None, " ABC", " ABD"]) == [" ABC", " ABD"]
+    assert _proposals([" ", None, " "]) == [" "]
+    assert _proposals([None, ""]) == []

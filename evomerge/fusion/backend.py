@@ -104,7 +104,7 @@ class FusedBackend(Backend):
         """Each request's proposed answers scored by the whole pool; the most likely one wins."""
         pairs, owners = [], []
         for i, ((context, _), texts) in enumerate(zip(requests, generated)):
-            for text in dict.fromkeys(t for t in texts if t):
+            for text in _proposals(texts):
                 pairs.append((context, text))
                 owners.append(i)
         scored = self._pooled(pairs, self.members) if pairs else []
@@ -152,3 +152,13 @@ class FusedBackend(Backend):
             if answer is not None:
                 self.serving_usd += self.spec.models[query.model].price(answer.get("usage") or {})
         return answers
+
+
+def _proposals(texts: list[Optional[str]]) -> list[str]:
+    """The distinct answers proposed for one request. A blank one (only whitespace) is no answer,
+    and a whole answer's log-prob cannot beat its own first token's: " " would outscore " ABC"
+    whenever every model starts with the space. So a blank answer is a candidate only when no model
+    proposes anything else."""
+    distinct = list(dict.fromkeys(t for t in texts if t))
+    return [t for t in distinct if t.strip()] or distinct
+
