@@ -181,16 +181,22 @@ def show(
     plot: bool = typer.Option(False, "--plot", help="Write PNGs: one run's score over evaluations and Pareto front "
                               "(into its run dir); several runs' best-so-far curves (compare_runs.png, see --plot-dir)."),
     plot_dir: Path = typer.Option(Path("."), "--plot-dir", help="Where the comparison plot of several runs goes."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON document for scripts instead of tables (one "
+                                 "run: an object; several: a list): status, best candidates, per-task scores, "
+                                 "references, Pareto front."),
 ):
     """Status, best candidates, Pareto front, and the best against the base and each expert (works while live).
 
     With several run dirs: one table comparing them, and with --plot their best-so-far curves.
     """
-    from evomerge.report import compare_table, render_run
+    from evomerge.report import compare_table, render_run, run_document, to_json
     from evomerge.run import Run
 
     runs = [Run.open(run_dir) for run_dir in run_dirs]
-    if len(runs) == 1:
+    if as_json:  # stdout holds the document alone: the "wrote" lines of --plot go to stderr
+        documents = [run_document(run, top=top) for run in runs]
+        print(to_json(documents[0] if len(runs) == 1 else documents))
+    elif len(runs) == 1:
         render_run(runs[0], Console(), top=top)
     else:
         Console().print(compare_table(runs))
@@ -204,6 +210,24 @@ def show(
             paths = [plot_compare(runs, plot_dir / "compare_runs.png")]
         for path in paths:
             console.print(f"wrote {path}")
+
+
+@app.command()
+@user_errors
+def dashboard(
+    runs_dir: Path = typer.Argument(Path("runs"), help="A directory of run directories (searched 3 levels deep)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface; the page has no login)."),
+    port: int = typer.Option(8765, help="Port to listen on."),
+):
+    """A live web page over the runs in RUNS_DIR: progress, best so far, Pareto fronts, recipes, comparisons.
+
+    It reads the run directories only (never writes there) and refreshes every 2 s while searches run.
+
+    Example: evomerge dashboard runs --port 8765, then open http://127.0.0.1:8765
+    """
+    from evomerge.dashboard import serve
+
+    serve(runs_dir, host=host, port=port, say=lambda line: console.print(line, highlight=False, soft_wrap=True))
 
 
 @app.command()

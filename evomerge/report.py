@@ -5,7 +5,10 @@ Everything here reads the run directory only, so it works while the search is li
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -14,7 +17,7 @@ from evomerge.errors import EvomergeError
 from evomerge.poolkinds import pool_kind
 from evomerge.recipe import Recipe
 from evomerge.pareto import cost_front, pareto_front
-from evomerge.run import PARETO, REFERENCES, Evaluation, Run
+from evomerge.run import PARETO, REFERENCES, Evaluation, Run, _jsonable
 
 
 def summary_line(run: Run) -> str:
@@ -62,6 +65,38 @@ def render_run(run: Run, console: Console, top: int = 5) -> None:
     failures = [e for e in evaluations if not e.ok]
     if failures:
         console.print(f"last failure: candidate {failures[-1].id}: {failures[-1].reason}")
+
+
+def run_document(run: Run, top: int = 5) -> dict[str, Any]:
+    """What `show --json` prints for scripts: the same content as `render_run`'s tables, as data
+    (status, the best candidates with their per-task scores and recipes, references, Pareto fronts)."""
+    config, status, evaluations = run.config(), run.status(), run.evaluations()
+    best = run.best(top)
+    front = (run.read_json(PARETO) if status["state"] == "finished" else None) or pareto_front(evaluations)
+    failures = [e for e in evaluations if not e.ok]
+    document = {
+        "run": str(run.path),
+        "status": status,
+        "budget": config.get("budget"),
+        "evaluations": len(evaluations),
+        "failed": len(failures),
+        "tasks": sorted(best[0].scores) if best else [],
+        "best": [{**dataclasses.asdict(e), "mean_score": _mean(e.scores)} for e in best],
+        "references": run.read_json(REFERENCES) or {},
+        "pareto": front,
+        "last_failure": {"id": failures[-1].id, "reason": failures[-1].reason} if failures else None,
+    }
+    if any(e.cost is not None for e in evaluations):
+        document["score_cost"] = cost_front(evaluations)
+    return document
+
+
+def to_json(document: Any) -> str:
+    return json.dumps(document, indent=1, default=_jsonable)
+
+
+def _mean(scores: dict[str, float]) -> float | None:
+    return sum(scores.values()) / len(scores) if scores else None
 
 
 def _best_table(best: list[Evaluation], tasks: list[str]) -> Table:

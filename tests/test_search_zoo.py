@@ -44,6 +44,7 @@ def test_search_on_the_zoo_then_show_and_export(tiny_zoo, tmp_path, pool, space)
         assert references[task]["scores"][task] == pytest.approx(-zoo_scores[f"{kind}/{task}"][task]["val_loss"], rel=1e-3)
     shown = run_cli("show", str(run.path))
     assert shown.returncode == 0 and "best candidates" in shown.stdout
+    _the_dashboard_and_show_json_read_the_run(run, tmp_path, kind, references)
     exported = run_cli("export", str(run.path), "-o", str(tmp_path / "export"))
     assert exported.returncode == 0, exported.stderr
     if kind == "lora":  # a low-rank merge stays a PEFT adapter
@@ -52,6 +53,23 @@ def test_search_on_the_zoo_then_show_and_export(tiny_zoo, tmp_path, pool, space)
         assert (tmp_path / "export" / "model.safetensors").is_file()
         assert (tmp_path / "export" / "tokenizer.json").is_file()
         _export_picks_the_candidate_that_was_scored(run, tmp_path)
+
+
+def _the_dashboard_and_show_json_read_the_run(run: Run, root: Path, kind: str, references: dict) -> None:
+    """What `evomerge dashboard` and `show --json` answer over a real zoo run: its progress, the
+    best against the references, the pool it searched, and the best candidate's recipe."""
+    from evomerge.dashboard import data
+
+    best = run.best(1)[0]
+    detail = data.detail(root, data.resolve_run(root, "run"))
+    assert detail["done"] == 8 and detail["state"] == "finished" and detail["best"]["id"] == best.id
+    assert set(detail["references"]) == set(references) and detail["best_scores"] == best.scores
+    assert detail["pool"].startswith(f"{kind} ") and set(detail["tasks"]) == set(best.scores)
+    picked = data.candidate(root, run.path, best.id)
+    assert yaml.safe_load(picked["recipe_yaml"]) == best.recipe and set(picked["mergekit"]) <= {"yaml", "error"}
+    shown = run_cli("show", str(run.path), "--json")
+    document = json.loads(shown.stdout)
+    assert shown.returncode == 0 and document["evaluations"] == 8 and document["best"][0]["id"] == best.id
 
 
 def _export_picks_the_candidate_that_was_scored(run: Run, tmp_path: Path) -> None:
