@@ -232,7 +232,8 @@ def test_a_fusion_search_killed_then_resumed_never_pays_twice(server, tmp_path):
     import signal
     import time
 
-    config = _config(tmp_path, server, generation=False, budget=6)
+    budget = 40  # the candidates answer from the cache in milliseconds: enough of them that the kill lands mid-run
+    config = _config(tmp_path, server, generation=False, budget=budget)
     env = {**os.environ, "FUSION_TEST_KEY": SECRET}
     process = subprocess.Popen([sys.executable, "-m", "evomerge.cli", "search", str(config), "--run-dir",
                                 str(tmp_path / "run")], env=env, start_new_session=True,
@@ -241,15 +242,16 @@ def test_a_fusion_search_killed_then_resumed_never_pays_twice(server, tmp_path):
     deadline = time.monotonic() + 240
     while not (log.is_file() and log.read_text().count("\n") >= 1):
         assert process.poll() is None and time.monotonic() < deadline, process.stderr.read().decode()[-2000:]
-        time.sleep(0.05)
+        time.sleep(0.005)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     killed_at = server.requests
+    assert log.read_text().count("\n") < budget, "the search finished before the kill: nothing resumed"
     resumed = subprocess.run([sys.executable, "-m", "evomerge.cli", "resume", str(tmp_path / "run")], env=env,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     evaluations = [json.loads(line) for line in log.read_text().splitlines()]
-    assert len(evaluations) == 6 and len({e["id"] for e in evaluations}) == 6
+    assert len(evaluations) == budget and len({e["id"] for e in evaluations}) == budget
     assert server.requests - killed_at == 2 * 3  # the resume's probes (its check, its worker's): nothing else
     assert all(e["cost"]["spent"]["calls"] == 0 for e in evaluations)
 
