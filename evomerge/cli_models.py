@@ -61,11 +61,21 @@ def zoo(
     output: Path = typer.Argument(..., help="Directory to build the demo pool in."),
     size: str = typer.Option("small", help="tiny (seconds, for tests) or small (minutes, for the demo)."),
     seed: int = typer.Option(0, help="Seed for data, pre-training and fine-tuning."),
+    adapters: Optional[int] = typer.Option(None, "--adapters", help="Also build OUTPUT/many-N: N LoRA adapters, the "
+                                           "4 relevant ones and N-4 distractors (some harmful), with nested pools "
+                                           "pool-4/16/64/128.yaml (minutes on CPU)."),
 ):
-    """Build the demo zoo on CPU: a tiny Llama base, full and LoRA experts per task, and their scores."""
+    """Build the demo zoo on CPU: a tiny Llama base, full and LoRA experts per task, and their scores.
+
+    Example: evomerge zoo runs/zoo --size tiny --adapters 128
+    """
     from evomerge.zoo import build_zoo
 
     build_zoo(output, size=size, seed=seed, progress=True)
+    if adapters is not None:
+        from evomerge.zoo.repository import build_repository
+
+        build_repository(output, adapters, seed=seed, progress=True)
 
 
 @app.command()

@@ -52,7 +52,8 @@ class Search:
         info = pool_kind(config.pool).info(config)  # the pool checked (or its provider asked) up front
         self.provider_info, self.pool_tasks = info.provider, info.tasks
         self.expert_names = info.experts
-        self.space = load_space(config.space, experts=self.expert_names, n_layers=info.n_layers, tasks=info.tasks)
+        self._space_shape = {"n_layers": info.n_layers, "tasks": info.tasks}
+        self.space = load_space(config.space, experts=self.expert_names, **self._space_shape)
         if config.suite is not None:
             from evomerge.evaluator import load_suite
 
@@ -67,12 +68,14 @@ class Search:
         run.lock()  # held for the whole run: a second search or resume of this run is refused
         try:
             self._check_provider()
+            self._preselect()  # a resumed run: from the references it scored
             state = self._restore()
             try:  # set_status inside: a signal right after it must not leave `running` behind
                 self.run.set_status("running", budget=self.config.budget)
                 self._start_workers()
                 if self.config.references and self.run.read_json(REFERENCES) is None:
                     self._score_references()
+                    self._preselect()
                 while state.stage < self.space.n_stages:
                     self._run_stage(state)
                     self._next_stage(state)
@@ -111,6 +114,21 @@ class Search:
         elif recorded != self.provider_info:
             raise EvomergeError(f"{self.run.path}: the provider at {self.config.pool.endpoint} now serves "
                                 f"{self.provider_info} but this run was made against {recorded}")
+
+    def _preselect(self) -> None:
+        """With `preselect: k`, the space over the k experts the references choose (evomerge/preselect.py);
+        derived from references.json each time, so a resumed run searches the same experts."""
+        references = self.run.read_json(REFERENCES)
+        if not self.config.preselect or references is None:
+            return
+        from evomerge.preselect import preselect
+        from evomerge.searchspace import load_space
+
+        chosen = preselect(references, self.expert_names, self.config.preselect)
+        if len(chosen) < len(self.expert_names) and self.space.experts != chosen:
+            self._note(f"preselect: searching {len(chosen)} of {len(self.expert_names)} experts "
+                       f"({', '.join(chosen)}); the rest are off")
+            self.space = load_space(self.config.space, experts=chosen, **self._space_shape)
 
     # ---- stages -------------------------------------------------------------------------------
     def stage_budget(self, stage: int) -> int:

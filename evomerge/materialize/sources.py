@@ -92,7 +92,8 @@ def _merge_lora_sparsified_a(recipe, method, name, source, base, experts, plan) 
     dense:   delta = sum w_i s_i B_i TopMag(A_i).
     """
     factors = [source.factors(expert, name) for expert in experts]
-    used = [(f, w, d) for f, w, d in zip(factors, plan.weights, plan.densities) if f is not None]
+    # an adapter at weight 0 adds nothing to A, B or B A: it is off, and costs no TopMag either
+    used = [(f, w, d) for f, w, d in zip(factors, plan.weights, plan.densities) if f is not None and w != 0]
     if not used:
         return None
     if recipe.lora_merge == "lowrank":

@@ -92,6 +92,70 @@ COPY_LENGTH = 4
 PRETRAIN_TASKS: dict[str, Callable[[random.Random], Record]] = {"copy": _copy}
 PRETRAIN_MIX = ("copy",)
 
+# Tasks of the many-adapter repository's distractors (evomerge/zoo/repository.py), scored by no
+# suite. "Other" tasks have prompts of their own; "corrupt" ones answer a suite task's prompt wrongly
+# (an adapter trained on them is harmful to that task when merged in).
+_PREV = str.maketrans(string.ascii_lowercase, "z" + string.ascii_lowercase[:-1])
+
+
+def _sort(rng: random.Random) -> Record:
+    w = _word(rng)
+    return {"question": f"sort {w} =", "answer": " " + "".join(sorted(w))}
+
+
+def _swap(rng: random.Random) -> Record:
+    w = _word(rng)
+    return {"question": f"swap {w} =", "answer": f" {w[-1]}{w[1:-1]}{w[0]}"}
+
+
+def _lower(rng: random.Random) -> Record:
+    w = _word(rng).upper()
+    return {"question": f"lower {w} =", "answer": f" {w.lower()}"}
+
+
+def _prev(rng: random.Random) -> Record:
+    w = _word(rng)
+    return {"question": f"prev {w} =", "answer": f" {w.translate(_PREV)}"}
+
+
+def _rotate(rng: random.Random) -> Record:
+    w = _word(rng)
+    return {"question": f"rotate {w} =", "answer": f" {w[1:]}{w[0]}"}
+
+
+def _sub(rng: random.Random) -> Record:
+    a, b = sorted((rng.randint(10, 99), rng.randint(10, 99)), reverse=True)
+    return {"question": f"sub {a} {b} =", "answer": f" {a - b}"}  # no "-": not in ALPHABET
+
+
+def _add_off_by_one(rng: random.Random) -> Record:
+    record = _add(rng)
+    return {"question": record["question"], "answer": f" {int(record['answer']) + 1}"}
+
+
+def _reverse_as_copy(rng: random.Random) -> Record:
+    w = _word(rng)
+    return {"question": f"reverse {w} =", "answer": f" {w}"}
+
+
+def _upper_as_copy(rng: random.Random) -> Record:
+    w = _word(rng)
+    return {"question": f"upper {w} =", "answer": f" {w}"}
+
+
+def _next_as_prev(rng: random.Random) -> Record:
+    w = _word(rng)
+    return {"question": f"next {w} =", "answer": f" {w.translate(_PREV)}"}
+
+
+OTHER_TASKS: dict[str, Callable[[random.Random], Record]] = {
+    "sort": _sort, "swap": _swap, "lower": _lower, "prev": _prev, "rotate": _rotate, "sub": _sub,
+}
+CORRUPT_TASKS: dict[str, Callable[[random.Random], Record]] = {  # name -> a wrong answer to a suite task
+    "add-off-by-one": _add_off_by_one, "reverse-as-copy": _reverse_as_copy, "upper-as-copy": _upper_as_copy,
+    "next-as-prev": _next_as_prev,
+}
+
 # Every character a question or answer can hold (the zoo tokenizer's vocabulary, after specials).
 ALPHABET = "\n =+" + string.digits + string.ascii_lowercase + string.ascii_uppercase
 
@@ -111,8 +175,10 @@ def eval_splits(task: str) -> dict[str, list[Record]]:
 
 def train_records(task: str, stream: int | str) -> Iterator[Record]:
     """An endless stream (named by `stream`) of training records of `task`, none held out."""
-    make = TASKS.get(task) or PRETRAIN_TASKS[task]
-    held_out = {r["question"] for split in eval_splits(task).values() for r in split} if task in TASKS else set()
+    make = {**TASKS, **PRETRAIN_TASKS, **OTHER_TASKS, **CORRUPT_TASKS}[task]
+    # a suite task's held-out questions stay unseen, also by the corrupt tasks that share its prompts
+    suite_task = task if task in TASKS else next((t for t in TASKS if task.startswith(f"{t}-")), None)
+    held_out = {r["question"] for split in eval_splits(suite_task).values() for r in split} if suite_task else set()
     rng = random.Random(f"train/{stream}/{task}")
     while True:
         record = make(rng)
