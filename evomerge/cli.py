@@ -240,7 +240,7 @@ def export(
     dtype: Optional[str] = typer.Option(None, help="Output dtype (default: the base's)."),
 ):
     """Write a candidate's merged model as an HF directory, with its recipe and a mergekit YAML where expressible."""
-    from evomerge.report import export_candidate
+    from evomerge.report import expert_summary, export_candidate
     from evomerge.run import Run
 
     from evomerge.recipe import Recipe
@@ -248,8 +248,11 @@ def export(
     path = export_candidate(Run.open(run_dir), pick, output, device=device, dtype=dtype)
     recipe = Recipe.from_yaml((path / "recipe.yaml").read_text(), str(path / "recipe.yaml"))
     used = len(recipe.used_experts())
-    console.print(f"exported {pick} ({used} expert{'s' if used != 1 else ''} with {recipe.method}) to {path}",
-                  highlight=False)
+    summary = expert_summary(recipe)  # many experts: the few that weigh most, not all (recipe.yaml has all)
+    console.print(f"exported {pick} ({used} expert{'s' if used != 1 else ''} with {recipe.method}) to {path}"
+                  + ("; by |weight|:" if summary else ""), highlight=False)
+    for line in summary or []:
+        console.print(f"  {line}", highlight=False, markup=False)
 
 
 @app.command()

@@ -12,12 +12,21 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from evomerge.errors import EvomergeError
 from evomerge.poolkinds import pool_kind
 from evomerge.recipe import Recipe
 from evomerge.pareto import cost_front, pareto_front
 from evomerge.run import PARETO, REFERENCES, Evaluation, Run, _jsonable
+
+# Pools of 64-128 LoRA adapters: a list of every expert would be 128 entries in each candidate's row
+# and 128 rows of references. Above MANY_EXPERTS experts, what people read names the TOP_EXPERTS that
+# count most and says how many more there are (`expert_summary`, for `show`'s tables and export's
+# summary); with MANY_EXPERTS or fewer the output is as it always was. `show --json`, recipe.yaml,
+# references.json and mergekit.yaml always keep every expert: scripts and tools want all of them.
+MANY_EXPERTS = 8
+TOP_EXPERTS = 5
 
 
 def summary_line(run: Run) -> str:
@@ -99,16 +108,52 @@ def _mean(scores: dict[str, float]) -> float | None:
     return sum(scores.values()) / len(scores) if scores else None
 
 
+def expert_summary(recipe: Recipe | dict[str, Any], top: int = TOP_EXPERTS) -> list[str] | None:
+    """A recipe's experts in a few lines, for a recipe of more than MANY_EXPERTS experts (None for
+    fewer: the caller prints what it always did). The `top` experts that are on (`used_experts`:
+    weight non-zero, and density where the method has one), by |weight| (the recipe's own value:
+    the mean over the layer groups of a layer-wise space), as "name +0.93 (0.61)" (weight
+    (density); no density for a method without one), then "+ 37 more on, 86 off"."""
+    if isinstance(recipe, dict):
+        if len(recipe.get("experts") or {}) <= MANY_EXPERTS:
+            return None
+        recipe = Recipe.model_validate(recipe)
+    if len(recipe.experts) <= MANY_EXPERTS:
+        return None
+    from evomerge.methods import get_method
+
+    has_density = get_method(recipe.method).param("density") is not None
+    on = sorted(recipe.used_experts(), key=lambda name: (-abs(recipe.experts[name].weight), name))
+    lines = [f"{name} {recipe.experts[name].weight:+.2f}" + (f" ({recipe.experts[name].density:.2f})" if has_density else "")
+             for name in on[:top]]
+    off = len(recipe.experts) - len(on)
+    lines.append(f"+ {len(on) - len(lines)} more on, {off} off" if on else f"none on, {off} off")
+    return lines
+
+
 def _best_table(best: list[Evaluation], tasks: list[str]) -> Table:
-    table = Table(title="best candidates (objective: lower is better; task scores: higher is better)")
+    # Many experts: the genome (their first 8 genes) says little; the experts that weigh most say what the merge is.
+    summaries = [expert_summary(e.recipe) for e in best]
+    many = any(summary is not None for summary in summaries)
+    last = "genome"
+    if many:
+        from evomerge.methods import get_method
+
+        densities = any(get_method(e.recipe["method"]).param("density") is not None for e in best)
+        last = f"top {TOP_EXPERTS} experts on: weight" + (" (density)" if densities else "")
+    table = Table(title="best candidates (objective: lower is better; task scores: higher is better)", show_lines=many)
     costed = any(e.cost is not None for e in best)
-    for column in ("id", "stage", "objective", *tasks, *(["$/1k queries", "queried"] if costed else []), "genome"):
-        table.add_column(column, justify="right" if column not in ("genome", "queried") else "left")
-    for e in best:
-        genome = " ".join(f"{g:+.2f}" for g in e.genome[:8]) + (" ..." if len(e.genome) > 8 else "")
+    for column in ("id", "stage", "objective", *tasks, *(["$/1k queries", "queried"] if costed else [])):
+        table.add_column(column, justify="right" if column != "queried" else "left")
+    table.add_column(last)
+    for e, summary in zip(best, summaries):
+        if many:
+            described = Text("\n".join(summary or []))  # text, not markup: an adapter may be called "lora[v2]"
+        else:
+            described = " ".join(f"{g:+.2f}" for g in e.genome[:8]) + (" ..." if len(e.genome) > 8 else "")
         cost = [f"{e.serving_per_1k:.4g}", ",".join(e.cost.get("queried", []))] if costed and e.cost else []
         table.add_row(str(e.id), str(e.stage), f"{e.objective:.4f}", *(f"{e.scores[t]:.4f}" for t in tasks), *cost,
-                      genome)
+                      described)
     return table
 
 
@@ -148,11 +193,43 @@ def _pareto_table(front: dict) -> Table:
     return table
 
 
+def _shown_references(references: dict, tasks: list[str]) -> tuple[dict, int]:
+    """The references the comparison lists, and how many experts it leaves out: every one for
+    MANY_EXPERTS experts or fewer; else the base and the TOP_EXPERTS experts that are best on the
+    most tasks alone, then by mean score (those that failed last)."""
+    experts = [name for name in references if name != "base"]
+    if len(experts) <= MANY_EXPERTS:
+        return references, 0
+    scored = {name: references[name].get("scores") or {} for name in experts}
+    scored = {name: scores for name, scores in scored.items() if all(t in scores for t in tasks)}
+    wins = dict.fromkeys(scored, 0)
+    for task in tasks:
+        if scored:
+            wins[max(scored, key=lambda name: scored[name][task])] += 1
+
+    def rank(name: str) -> tuple:
+        if name not in scored:
+            return (1, 0, 0.0, name)
+        return (0, -wins[name], -(sum(scored[name][t] for t in tasks) / len(tasks) if tasks else 0.0), name)
+
+    kept = set(sorted(experts, key=rank)[:TOP_EXPERTS])
+    shown = {name: ref for name, ref in references.items() if name == "base"}
+    shown.update({name: references[name] for name in sorted(kept, key=rank)})
+    return shown, len(experts) - len(kept)
+
+
 def _comparison_table(best: Evaluation, references: dict, tasks: list[str]) -> Table:
-    table = Table(title="per-task scores: best candidate vs the base and each expert")
+    shown, left_out = _shown_references(references, tasks)
+    if left_out:
+        listed = len(shown) - ("base" in shown)
+        table = Table(title=f"per-task scores: best candidate vs the base and the {listed} best of {listed + left_out} "
+                            "experts alone", caption=f"+ {left_out} more experts (best: most tasks won, then mean; "
+                                                     "every one: show --json)")
+    else:
+        table = Table(title="per-task scores: best candidate vs the base and each expert")
     for column in ("model", *tasks, "mean"):
         table.add_column(column, justify="right" if column != "model" else "left")
-    rows = [(f"best ({best.id})", best.scores)] + [(name, ref.get("scores", {})) for name, ref in references.items()]
+    rows = [(f"best ({best.id})", best.scores)] + [(name, ref.get("scores", {})) for name, ref in shown.items()]
     for name, scores in rows:
         if not scores:
             table.add_row(name, *("failed" for _ in tasks), "")
