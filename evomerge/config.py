@@ -97,9 +97,11 @@ class SearchConfig(Strict):
     cost_weight: float = Field(0.0, ge=0, description="objective += cost_weight * serving USD per 1k queries "
                                "(a fusion pool; one run per weight is a scalarized sweep)")
     references: bool = Field(True, description="also score the base and each expert, for comparison")
-    preselect: int | None = Field(None, ge=1, description="search over this many experts only, chosen from the "
-                                  "references (per task in turn, the expert alone that gains most over the base); "
-                                  "the rest stay off: for pools of many adapters (evomerge/preselect.py)")
+    preselect: int | Literal["auto"] | None = Field(
+        "auto", description="search over this many experts only, chosen from the references (per task in turn, the "
+                            "expert alone that gains most over the base); the rest stay off. auto: max(8, 2 per task) "
+                            "when the pool has more (and references are scored); null: every expert "
+                            "(evomerge/preselect.py)")
 
     def resolved(self, relative_to: Path) -> "SearchConfig":
         """Paths made absolute, so the run dir's config.yaml works from anywhere."""
@@ -112,7 +114,9 @@ class SearchConfig(Strict):
 
     def check(self, where: str) -> "SearchConfig":
         refuse_secrets(self.model_dump(mode="json"), where)
-        if self.preselect and not self.references:
+        if isinstance(self.preselect, int) and self.preselect < 1:
+            raise ConfigError(f"{where}: preselect must be at least 1 (or auto, or null), got {self.preselect}")
+        if isinstance(self.preselect, int) and not self.references:
             raise ConfigError(f"{where}: preselect chooses experts from the references; set references: true")
         if pool_kind(self.pool).scores_itself:
             if self.suite is not None or self.objective is not None:

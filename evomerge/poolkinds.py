@@ -43,6 +43,8 @@ class PoolKind:
     scores_itself: ClassVar[bool] = False  # scored on the pool's own suite: a config gives none
     uses_devices: ClassVar[bool] = True  # its workers run on workers.device (GPUs are counted for them)
     reports_cost: ClassVar[bool] = False  # its results carry a serving cost per query (API models)
+    # `preselect: auto` narrows a large pool to the experts its references choose (evomerge/preselect.py)
+    preselects_by_default: ClassVar[bool] = True
 
     def __init__(self, spec: PoolSpec):
         self.spec = spec
@@ -162,6 +164,7 @@ class FusionPool(PoolKind):
     name = "fusion"
     uses_devices = False  # its workers wait on HTTP
     reports_cost = True  # each result carries its serving cost (multi_objective: cost)
+    preselects_by_default = False  # a fusion space (routing, voting) picks its own models from all of them
 
     def info(self, config):
         """Every model asked once (one line per model that cannot be used), and the space's rule

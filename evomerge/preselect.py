@@ -17,6 +17,17 @@ from typing import Any, Mapping
 
 from evomerge.errors import EvomergeError
 
+AUTO_AT_LEAST, AUTO_PER_TASK = 8, 2  # `preselect: auto`: max(8, 2 per task) experts
+
+
+def preselect_size(setting: int | str | None, n_experts: int, n_tasks: int) -> int | None:
+    """How many experts to search over, or None for all: `auto` takes max(8, 2 per task), enough
+    for each task's specialist and a runner-up (tests/benchmarks/bench_many_adapters.py: at 16, 64
+    and 128 LoRA adapters, 8 of them beat the full genome and the 4 relevant adapters alone)."""
+    k = max(AUTO_AT_LEAST, AUTO_PER_TASK * n_tasks) if setting == "auto" else setting
+    return k if k is not None and k < n_experts else None
+
+
 
 def preselect(references: Mapping[str, Mapping[str, Any]], experts: list[str], k: int) -> list[str]:
     """The `k` experts to search over (in the pool's order), from the scored references

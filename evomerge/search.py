@@ -118,14 +118,23 @@ class Search:
     def _preselect(self) -> None:
         """With `preselect: k`, the space over the k experts the references choose (evomerge/preselect.py);
         derived from references.json each time, so a resumed run searches the same experts."""
+        from evomerge.preselect import preselect, preselect_size
+
         references = self.run.read_json(REFERENCES)
-        if not self.config.preselect or references is None:
+        setting = self.config.preselect
+        if references is None or (setting == "auto" and not self.pool.kind.preselects_by_default):
             return
-        from evomerge.preselect import preselect
+        tasks = (references.get("base") or {}).get("scores") or {}
+        k = preselect_size(setting, len(self.expert_names), len(tasks))
+        if k is None or (setting == "auto" and not tasks):  # auto without the base's scores: every expert
+            return
         from evomerge.searchspace import load_space
 
-        chosen = preselect(references, self.expert_names, self.config.preselect)
-        if len(chosen) < len(self.expert_names) and self.space.experts != chosen:
+        chosen = preselect(references, self.expert_names, k)
+        logged = next(iter(self.run.evaluations()), None)
+        if logged is not None and sorted(logged.recipe["experts"]) != sorted(chosen):
+            return  # a run begun by an evomerge without pre-selection: it goes on over what it searched
+        if self.space.experts != chosen:
             self._note(f"preselect: searching {len(chosen)} of {len(self.expert_names)} experts "
                        f"({', '.join(chosen)}); the rest are off")
             self.space = load_space(self.config.space, experts=chosen, **self._space_shape)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from evomerge.errors import EvomergeError
-from evomerge.preselect import preselect
+from evomerge.preselect import preselect, preselect_size
 from evomerge.run import Run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +39,36 @@ def test_preselect_takes_each_tasks_best_in_turn_in_the_pools_order():
     assert preselect(references, experts, 2) == ["w", "z"]
     with pytest.raises(EvomergeError, match="base's reference failed"):
         preselect({**references, "base": {"status": "failed"}}, experts, 2)
+
+
+def test_auto_takes_two_per_task_and_at_least_eight_and_only_from_a_larger_pool():
+    assert preselect_size("auto", 9, 4) == 8 and preselect_size("auto", 8, 4) is None
+    assert preselect_size("auto", 30, 6) == 12 and preselect_size("auto", 128, 4) == 8
+    assert preselect_size(None, 128, 4) is None
+    assert preselect_size(5, 10, 4) == 5 and preselect_size(5, 5, 4) is None
+
+
+def test_a_run_begun_over_every_expert_goes_on_over_every_expert(tmp_path):
+    """A run whose log names every expert (begun with `preselect: null`, or by an evomerge before
+    pre-selection) is resumed over the same genome, not narrowed under it."""
+    from evomerge.config import load_search_config
+    from evomerge.search import Search, search
+    from tests.synthetic import make_pool
+
+    data = {"pool": make_pool(tmp_path / "pool", n_experts=12), "space": {"preset": "ties-dare", "layer_groups": 1},
+            "objective": "tests.test_report_many_experts:three_tasks", "budget": 4, "seed": 0,
+            "optimizer": {"type": "cmaes", "popsize": 4}, "workers": {"count": 1}, "preselect": None}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
+    run = search(load_search_config(tmp_path / "s.yaml"), tmp_path / "run")
+    assert all(len(e.recipe["experts"]) == 12 for e in run.evaluations())
+    del data["preselect"]  # now the default, auto: 8 of 12 for a fresh run
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
+    resumed = Search(load_search_config(tmp_path / "s.yaml"))
+    resumed.run = run
+    resumed._preselect()
+    assert len(resumed.space.experts) == 12
+    fresh = search(load_search_config(tmp_path / "s.yaml"), tmp_path / "fresh")
+    assert all(len(e.recipe["experts"]) == 8 for e in fresh.evaluations())
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +104,7 @@ def test_a_search_with_preselect_spends_its_budget_on_the_relevant_adapters(repo
         "pool": str(repository / "pool-10.yaml"), "space": {"preset": "evo-merging", "lora_merge": "lowrank"},
         "suite": str(REPO / "evaluators" / "zoo-loss.yaml"), "backend": {"name": "hf", "batch_size": 64},
         "budget": 6, "seed": 0, "optimizer": {"type": "cmaes", "popsize": 3}, "workers": {"count": 1},
-        "preselect": 4}))
+        "preselect": 4}))  # auto would take 8 of these 10: 4 shows the choice
     done = subprocess.run([sys.executable, "-m", "evomerge.cli", "search", str(config), "--run-dir", str(tmp_path / "run")],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -41,7 +41,8 @@ def run_search(root, n_experts: int, budget: int = 8) -> Run:
     pool = make_pool(root / "pool", n_experts=n_experts)
     config = {"pool": pool, "space": {"preset": "ties-dare", "layer_groups": 1},
               "objective": "tests.test_report_many_experts:three_tasks", "budget": budget, "seed": 7,
-              "optimizer": {"type": "cmaes", "popsize": 4}, "workers": {"count": 1}}
+              "optimizer": {"type": "cmaes", "popsize": 4}, "workers": {"count": 1},
+              "preselect": None}  # every expert in every recipe: what the display must cope with
     (root / "search.yaml").write_text(yaml.safe_dump(config))
     return search(load_search_config(root / "search.yaml"), root / "run")
 

@@ -12,7 +12,9 @@ validation loss suite, 2 Ray workers), its pick (Run.best) scored on the held-ou
 - full genome: every adapter, 2 genes each (and at N >= 64 the same with separable CMA-ES,
   pycma's CMA_diagonal: a diagonal covariance, learnable from fewer samples in high dimension);
 - random 20 (LoraHub's way): 20 adapters drawn at random (seeded), the search over those;
-- preselect 8: `preselect: 8`, the 8 adapters the references choose (each alone on validation).
+- preselect 8: `preselect: 8`, the 8 adapters the references choose (each alone on validation);
+  for the zoo's 4 tasks also what the default, `preselect: auto`, does. The other rows set
+  `preselect: null` (every adapter of their pool searched).
 
 The references (the base and each adapter alone) are scored in every run, so the table says how
 many evaluations they took beside the search's 200. Then, without a search, the merge itself:
@@ -47,13 +49,13 @@ SPACE = {"preset": "evo-merging", "lora_merge": "lowrank"}
 
 def strategies(n: int, subset: int, top: int) -> dict[str, dict]:
     """The ways of spending the budget that differ from the full genome at this N."""
-    out = {"full genome": {}}
+    out = {"full genome": {"preselect": None}}
     if n >= 64:  # pycma's separable (diagonal) CMA-ES: a covariance it can learn in 200 evaluations
-        out["full genome, sep-CMA"] = {"optimizer": {"cma_options": {"CMA_diagonal": True}}}
+        out["full genome, sep-CMA"] = {"optimizer": {"cma_options": {"CMA_diagonal": True}}, "preselect": None}
     if n > subset:
-        out[f"random {subset} (LoraHub's)"] = {"subset": subset}
-    if n > top:
-        out[f"preselect {top}"] = {"preselect": top}
+        out[f"random {subset} (LoraHub's)"] = {"subset": subset, "preselect": None}
+    if n > top:  # 8 is also what the default (`preselect: auto`) takes for the zoo's 4 tasks
+        out[f"preselect {top}" + (" (the default)" if top == 8 else "")] = {"preselect": top}
     return out
 
 
