@@ -57,11 +57,22 @@ def _dominated(point: np.ndarray, points: np.ndarray) -> bool:
     return bool((better_or_equal & strictly_better).any())
 
 
-def hypervolume(front: np.ndarray, reference: np.ndarray) -> float:
-    """Volume dominated by a maximization front above `reference` (moocore's exact indicator)."""
+HYPERVOLUME_MAX_DIM = 31  # moocore's hypervolume (exact and approximate) takes at most 31 objectives
+
+
+def hypervolume(front: np.ndarray, reference: np.ndarray) -> float | None:
+    """Volume dominated by a maximization front above `reference` (moocore's exact indicator);
+    None beyond HYPERVOLUME_MAX_DIM objectives (a suite of more tasks still has its front)."""
     if len(front) == 0:
         return 0.0
+    if np.shape(front)[1] > HYPERVOLUME_MAX_DIM:
+        return None
     import moocore
 
     return float(moocore.hypervolume(np.asarray(front, dtype=float), ref=np.asarray(reference, dtype=float),
                                      maximise=True))
+
+
+def hypervolume_text(value: float | None, digits: int = 4) -> str:
+    """The hypervolume as a title shows it; None says why there is none."""
+    return f"n/a (over {HYPERVOLUME_MAX_DIM} tasks)" if value is None else f"{value:.{digits}g}"

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from evomerge.pareto import cost_front, pareto_front
+from evomerge.pareto import cost_front, hypervolume_text, pareto_front
 from evomerge.poolspec import spec_kind
 from evomerge.run import REFERENCES, Run
 
@@ -106,7 +106,7 @@ def plot_pareto(run: Run, path: Path) -> Path:
                   if ref.get("scores") and set(front["tasks"]) <= set(ref["scores"])}
     draw = _pareto_pairs if len(front["tasks"]) <= PAIRS_UP_TO else _pareto_parallel
     fig = draw(plt, evaluations, front, references)
-    fig.suptitle(f"{run.path.name}: task scores (higher is better), hypervolume {front['hypervolume']:.3g}", fontsize=10)
+    fig.suptitle(f"{run.path.name}: task scores (higher is better), hypervolume {hypervolume_text(front['hypervolume'], 3)}", fontsize=10)
     fig.text(0.01, 0.005, _reference_caption(front), fontsize=7, va="bottom", wrap=True)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)

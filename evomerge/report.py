@@ -17,7 +17,7 @@ from rich.text import Text
 from evomerge.errors import EvomergeError
 from evomerge.poolkinds import pool_kind
 from evomerge.recipe import Recipe
-from evomerge.pareto import cost_front, pareto_front
+from evomerge.pareto import cost_front, hypervolume_text, pareto_front
 from evomerge.run import PARETO, REFERENCES, Evaluation, Run, _jsonable
 
 # Pools of 64-128 LoRA adapters: a list of every expert would be 128 entries in each candidate's row
@@ -184,7 +184,8 @@ def _spent_line(run: Run, evaluations: list[Evaluation]) -> str:
 
 
 def _pareto_table(front: dict) -> Table:
-    table = Table(title=f"Pareto front over tasks ({len(front['front'])} points, hypervolume {front['hypervolume']:.4g})")
+    table = Table(title=f"Pareto front over tasks ({len(front['front'])} points, "
+                        f"hypervolume {hypervolume_text(front['hypervolume'])})")
     table.add_column("id", justify="right")
     for task in front["tasks"]:
         table.add_column(task, justify="right")

@@ -160,3 +160,18 @@ def test_summary_starts_above_eight_experts():
     assert expert_summary(linear)[0] == "e3 -1.00"  # |weight|; no density for a method without one
     off = Recipe(method="ties", experts={f"e{i}": {"weight": 1.0, "density": 0.0} for i in range(10)})
     assert expert_summary(off) == ["none on, 10 off"]
+
+
+def test_a_search_over_40_tasks_finishes_and_shows_its_front_without_a_hypervolume(tmp_path):
+    """moocore's hypervolume takes at most 31 objectives: a suite of 40 tasks still finishes, with
+    its Pareto front, and `show` says why there is no hypervolume (it used to fail the finished run)."""
+    pool = make_pool(tmp_path / "pool", n_experts=40)
+    (tmp_path / "search.yaml").write_text(yaml.safe_dump({
+        "pool": pool, "space": {"preset": "ties-dare", "layer_groups": 1}, "objective": "tests.objectives:quadratic",
+        "budget": 4, "seed": 0, "optimizer": {"type": "cmaes", "popsize": 4}, "workers": {"count": 1}}))
+    run = search(load_search_config(tmp_path / "search.yaml"), tmp_path / "run")
+    assert run.status()["state"] == "finished"
+    pareto = json.loads((run.path / "pareto.json").read_text())
+    assert len(pareto["tasks"]) == 40 and pareto["front"] and pareto["hypervolume"] is None
+    shown = invoke("show", str(run.path), env={"COLUMNS": "400"}).output
+    assert "hypervolume n/a (over 31 tasks)" in shown
