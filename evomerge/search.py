@@ -68,7 +68,11 @@ class Search:
         run.lock()  # held for the whole run: a second search or resume of this run is refused
         try:
             self._check_provider()
-            self._preselect()  # a resumed run: from the references it scored
+            try:  # a resumed run: from the references it scored, before its state is rebuilt over the space
+                self._preselect()
+            except EvomergeError as error:  # references.json unreadable: the run failed, not left stopped
+                self._record_stop(error)
+                raise
             state = self._restore()
             try:  # set_status inside: a signal right after it must not leave `running` behind
                 self.run.set_status("running", budget=self.config.budget)

@@ -319,21 +319,26 @@ def test_status_of_a_run_whose_pid_was_reused_is_stopped(tmp_path):
 
 def test_log_ahead_of_the_checkpoint_is_told_from_the_log_never_evaluated_again(tmp_path, reference, capfd):
     lines = log_lines(reference)
-    # a kill between logging record 12 and checkpointing its tell: the checkpoint has it in flight
-    run_dir = stopped_copy(reference, tmp_path / "run", keep=11)
-    twelfth = json.loads(lines[11])["id"]
-    assert str(twelfth) in json.loads((run_dir / CHECKPOINT).read_text())["in_flight"]
+    # a kill between logging record keep + 1 and checkpointing its tell: the checkpoint has it in
+    # flight. Which record was in flight when the one before it was told depends on which of the
+    # reference's two workers finished first (a candidate asked after that tell can finish first).
+    for keep in range(11, BUDGET - 4):
+        run_dir = stopped_copy(reference, tmp_path / f"run-{keep}", keep=keep)
+        if str(json.loads(lines[keep])["id"]) in json.loads((run_dir / CHECKPOINT).read_text())["in_flight"]:
+            break
+    else:
+        pytest.fail("no record of the reference run was in flight when the one before it was told")
     with open(run_dir / EVALUATIONS, "ab") as handle:
-        handle.write(lines[11])
+        handle.write(lines[keep])
     capfd.readouterr()
     resume(run_dir)
     assert "rebuilt" not in capfd.readouterr().err
-    assert log_lines(run_dir)[11] == lines[11]  # told from the log, not run again (ids are unique)
+    assert log_lines(run_dir)[keep] == lines[keep]  # told from the log, not run again (ids are unique)
     assert_same_as(run_dir, reference)
     # a checkpoint older than that (a backup put back): the log wins, the state is rebuilt from it
-    run_dir = stopped_copy(reference, tmp_path / "run2", keep=11)
+    run_dir = stopped_copy(reference, tmp_path / "run2", keep=keep)
     with open(run_dir / EVALUATIONS, "ab") as handle:
-        handle.write(b"".join(lines[11:15]))
+        handle.write(b"".join(lines[keep:keep + 4]))
     resume(run_dir)
     assert f"{CHECKPOINT} does not match" in capfd.readouterr().err
     assert_same_as(run_dir, reference)

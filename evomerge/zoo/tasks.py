@@ -156,17 +156,20 @@ CORRUPT_TASKS: dict[str, Callable[[random.Random], Record]] = {  # name -> a wro
     "next-as-prev": _next_as_prev,
 }
 
+SCORABLE_TASKS = {**TASKS, **OTHER_TASKS}  # tasks with held-out validation and test splits (eval_splits)
+
 # Every character a question or answer can hold (the zoo tokenizer's vocabulary, after specials).
 ALPHABET = "\n =+" + string.digits + string.ascii_lowercase + string.ascii_uppercase
 
 
 def eval_splits(task: str) -> dict[str, list[Record]]:
-    """The fixed validation and test records of `task`: distinct questions, N_EVAL per split."""
+    """The fixed validation and test records of `task` (a demo task, or another task a benchmark
+    pool is scored on): distinct questions, N_EVAL per split."""
     rng = random.Random(f"{DATA_SEED}/{task}")
     seen: set[str] = set()
     records: list[Record] = []
     while len(records) < N_EVAL * len(SPLITS):
-        record = TASKS[task](rng)
+        record = SCORABLE_TASKS[task](rng)
         if record["question"] not in seen:
             seen.add(record["question"])
             records.append(record)
@@ -176,8 +179,8 @@ def eval_splits(task: str) -> dict[str, list[Record]]:
 def train_records(task: str, stream: int | str) -> Iterator[Record]:
     """An endless stream (named by `stream`) of training records of `task`, none held out."""
     make = {**TASKS, **PRETRAIN_TASKS, **OTHER_TASKS, **CORRUPT_TASKS}[task]
-    # a suite task's held-out questions stay unseen, also by the corrupt tasks that share its prompts
-    suite_task = task if task in TASKS else next((t for t in TASKS if task.startswith(f"{t}-")), None)
+    # a scored task's held-out questions stay unseen, also by the corrupt tasks that share its prompts
+    suite_task = task if task in SCORABLE_TASKS else next((t for t in TASKS if task.startswith(f"{t}-")), None)
     held_out = {r["question"] for split in eval_splits(suite_task).values() for r in split} if suite_task else set()
     rng = random.Random(f"train/{stream}/{task}")
     while True:

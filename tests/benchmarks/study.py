@@ -125,11 +125,12 @@ def run_search(config: SearchConfig, run_dir: Path, log) -> tuple[Run, float]:
 class Scorer:
     """In-process workers (one per suite) that score recipes; results cached by recipe JSON."""
 
-    def __init__(self, pool_spec: dict[str, Any], threads: int):
+    def __init__(self, pool_spec: dict[str, Any], threads: int, suites: dict[str, str] | None = None):
+        """`suites`: val, test_loss and test_em (default: the demo zoo's)."""
         from evomerge.worker import Worker
 
-        self.workers = {name: Worker(pool_spec, str(suite), BACKEND, threads=threads)
-                        for name, suite in (("val", VAL_SUITE), ("test_loss", TEST_LOSS_SUITE), ("test_em", TEST_GEN_SUITE))}
+        suites = suites or {"val": VAL_SUITE, "test_loss": TEST_LOSS_SUITE, "test_em": TEST_GEN_SUITE}
+        self.workers = {name: Worker(pool_spec, str(suite), BACKEND, threads=threads) for name, suite in suites.items()}
         self.cache: dict[tuple[str, str], dict[str, Any]] = {}
         self.seconds = 0.0
 
