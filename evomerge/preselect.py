@@ -28,7 +28,6 @@ def preselect_size(setting: int | str | None, n_experts: int, n_tasks: int) -> i
     return k if k is not None and k < n_experts else None
 
 
-
 def preselect(references: Mapping[str, Mapping[str, Any]], experts: list[str], k: int) -> list[str]:
     """The `k` experts to search over (in the pool's order), from the scored references
     (references.json: "base" and each expert, with per-task `scores`, higher is better)."""

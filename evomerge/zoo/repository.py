@@ -103,7 +103,7 @@ def _zoo_table(zoo: Path) -> dict:
 
 
 def _build(zoo: Path, tmp: Path, out: Path, n: int, seed: int, spec, bars) -> dict:
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -122,8 +122,6 @@ def _build(zoo: Path, tmp: Path, out: Path, n: int, seed: int, spec, bars) -> di
 
     for task in TASKS:  # the relevant ones: the zoo's own adapters, so pool-4 is the zoo's pool-lora
         shutil.copytree(zoo / "lora" / task, tmp / "adapters" / task)
-        from peft import PeftModel
-
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), zoo / "lora" / task)
         record(task, model.eval(), task, "relevant")
 

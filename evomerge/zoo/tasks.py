@@ -44,22 +44,19 @@ def _add(rng: random.Random) -> Record:
     return {"question": f"add {a}+{b} =", "answer": f" {a + b}"}
 
 
-def _reverse(rng: random.Random) -> Record:
-    w = _word(rng)
-    return {"question": f"reverse {w} =", "answer": f" {w[::-1]}"}
+def _word_task(prompt: str, answer: Callable[[str], str], shown: Callable[[str], str] = str) -> Callable[[random.Random], Record]:
+    """A task over one random word: the question shows `shown(word)`, the answer is `answer(word)`."""
+    def make(rng: random.Random) -> Record:
+        w = _word(rng)
+        return {"question": f"{prompt} {shown(w)} =", "answer": f" {answer(w)}"}
 
-
-def _upper(rng: random.Random) -> Record:
-    w = _word(rng)
-    return {"question": f"upper {w} =", "answer": f" {w.upper()}"}
+    return make
 
 
 _NEXT = str.maketrans(string.ascii_lowercase, string.ascii_lowercase[1:] + "a")
-
-
-def _next(rng: random.Random) -> Record:
-    w = _word(rng)
-    return {"question": f"next {w} =", "answer": f" {w.translate(_NEXT)}"}
+_reverse = _word_task("reverse", lambda w: w[::-1])
+_upper = _word_task("upper", str.upper)
+_next = _word_task("next", lambda w: w.translate(_NEXT))
 
 
 # name -> one random record; the order is the order of tasks everywhere (pools, scores, data).
@@ -98,29 +95,11 @@ PRETRAIN_MIX = ("copy",)
 _PREV = str.maketrans(string.ascii_lowercase, "z" + string.ascii_lowercase[:-1])
 
 
-def _sort(rng: random.Random) -> Record:
-    w = _word(rng)
-    return {"question": f"sort {w} =", "answer": " " + "".join(sorted(w))}
-
-
-def _swap(rng: random.Random) -> Record:
-    w = _word(rng)
-    return {"question": f"swap {w} =", "answer": f" {w[-1]}{w[1:-1]}{w[0]}"}
-
-
-def _lower(rng: random.Random) -> Record:
-    w = _word(rng).upper()
-    return {"question": f"lower {w} =", "answer": f" {w.lower()}"}
-
-
-def _prev(rng: random.Random) -> Record:
-    w = _word(rng)
-    return {"question": f"prev {w} =", "answer": f" {w.translate(_PREV)}"}
-
-
-def _rotate(rng: random.Random) -> Record:
-    w = _word(rng)
-    return {"question": f"rotate {w} =", "answer": f" {w[1:]}{w[0]}"}
+_sort = _word_task("sort", lambda w: "".join(sorted(w)))
+_swap = _word_task("swap", lambda w: f"{w[-1]}{w[1:-1]}{w[0]}")
+_lower = _word_task("lower", str, shown=str.upper)
+_prev = _word_task("prev", lambda w: w.translate(_PREV))
+_rotate = _word_task("rotate", lambda w: f"{w[1:]}{w[0]}")
 
 
 def _sub(rng: random.Random) -> Record:
@@ -133,19 +112,9 @@ def _add_off_by_one(rng: random.Random) -> Record:
     return {"question": record["question"], "answer": f" {int(record['answer']) + 1}"}
 
 
-def _reverse_as_copy(rng: random.Random) -> Record:
-    w = _word(rng)
-    return {"question": f"reverse {w} =", "answer": f" {w}"}
-
-
-def _upper_as_copy(rng: random.Random) -> Record:
-    w = _word(rng)
-    return {"question": f"upper {w} =", "answer": f" {w}"}
-
-
-def _next_as_prev(rng: random.Random) -> Record:
-    w = _word(rng)
-    return {"question": f"next {w} =", "answer": f" {w.translate(_PREV)}"}
+_reverse_as_copy = _word_task("reverse", str)
+_upper_as_copy = _word_task("upper", str)
+_next_as_prev = _word_task("next", lambda w: w.translate(_PREV))
 
 
 OTHER_TASKS: dict[str, Callable[[random.Random], Record]] = {
