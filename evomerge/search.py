@@ -146,10 +146,7 @@ class Search:
     # ---- stages -------------------------------------------------------------------------------
     def stage_budget(self, stage: int) -> int:
         """The stage's share of the run's budget (a grid stops earlier when its points run out)."""
-        fractions = [self.space.stage(i).budget_fraction for i in range(self.space.n_stages)]
-        budgets = [int(round(self.config.budget * f / sum(fractions))) for f in fractions]
-        budgets[-1] = self.config.budget - sum(budgets[:-1])
-        return budgets[stage]
+        return stage_budgets(self.space, self.config.budget)[stage]
 
     def _stage_space(self, state: State):
         fixed = Recipe.model_validate(state.fixed) if state.fixed else None
@@ -392,6 +389,22 @@ class Search:
         state.optimizer = optimizer.state_dict()
         self.run.save_checkpoint(state.__dict__)
         return state
+
+
+def stage_budgets(space, budget: int) -> list[int]:
+    """Each stage's evaluations: a stage's set `evaluations` (at most half the budget, so that a
+    short run still searches), the rest shared by `budget_fraction` among the other stages; the
+    last stage that shares takes what rounding leaves."""
+    stages = [space.stage(i) for i in range(space.n_stages)]
+    budgets = [min(s.evaluations, budget // 2) if s.evaluations else 0 for s in stages]
+    sharing = [i for i, s in enumerate(stages) if not s.evaluations]
+    left = budget - sum(budgets)
+    total = sum(stages[i].budget_fraction for i in sharing)
+    for i in sharing:
+        budgets[i] = int(round(left * stages[i].budget_fraction / total))
+    if sharing:
+        budgets[sharing[-1]] += budget - sum(budgets)
+    return budgets
 
 
 def search(config: SearchConfig, run_dir: Path, progress: Any = None) -> Run:

@@ -53,7 +53,7 @@ class SearchSpace(GeneDerivation):
         where: str = "search space",
         *,
         tasks: list[str] | None = None,
-        _stage: tuple[int, dict[str, float]] | None = None,
+        _stage: tuple[int, dict[str, float], dict[str, float]] | None = None,
     ):
         self.spec, self.experts, self.n_layers, self.where = spec, list(experts), n_layers, where
         self.tasks = list(tasks or [])  # per_task spaces: the suite's tasks
@@ -71,14 +71,15 @@ class SearchSpace(GeneDerivation):
         if _stage is None:  # the whole space: every gene searched
             self.stage_index, self.stage_name = None, None
             self.fixed: dict[str, float] = {}
-            self.l1, self.budget_fraction = spec.l1, 1.0
+            self.start: dict[str, float] = {}
+            self.l1, self.budget_fraction, self.evaluations = spec.l1, 1.0, None
             self.optimizer_hints = dict(spec.optimizer)
         else:
-            self.stage_index, self.fixed = _stage
+            self.stage_index, self.fixed, self.start = _stage
             stage = self.stages[self.stage_index]
             self.stage_name = stage.name or f"stage{self.stage_index}"
             self.l1 = spec.l1 if stage.l1 is None else stage.l1
-            self.budget_fraction = stage.budget_fraction
+            self.budget_fraction, self.evaluations = stage.budget_fraction, stage.evaluations
             self.optimizer_hints = dict(spec.optimizer if stage.optimizer is None else stage.optimizer)
         self.searched = [g for g in self.genes if g.name not in self.fixed]
         if not self.searched:
@@ -99,7 +100,9 @@ class SearchSpace(GeneDerivation):
 
     @property
     def x0(self) -> np.ndarray:
-        return np.array([g.init for g in self.searched])
+        """The genes' init, or for a stage with `start: best` the best recipe's values so far."""
+        x0 = np.array([self.start.get(g.name, g.init) for g in self.searched])
+        return np.clip(x0, self.lower, self.upper)
 
     def names(self) -> list[str]:
         """Human-readable names of the searched genes, in vector order."""
@@ -202,13 +205,17 @@ class SearchSpace(GeneDerivation):
     def stage(self, i: int, fixed_from=None) -> "SearchSpace":
         """The space of stage ``i``: its ``search`` genes searched, every other gene fixed at the
         stage's ``fixed`` value, else ``fixed_from``'s value (the best recipe of the stage
-        before), else its ``init``."""
+        before), else its ``init``. With ``start: best`` the searched genes start at
+        ``fixed_from``'s values too."""
         if not 0 <= i < self.n_stages:
             raise ConfigError(f"{self.where}: no stage {i} (the space has {self.n_stages})")
         stage = self.stages[i]
         fixed: dict[str, float] = {}
+        start: dict[str, float] = {}
         for g in self.genes:
             if g.param in stage.search:
+                if stage.start == "best" and fixed_from is not None:
+                    start[g.name] = self.gene_value(fixed_from, g)
                 continue
             if g.param in stage.fixed:
                 fixed[g.name] = self._encode(g, stage.fixed[g.param], f"stages[{i}].fixed.{g.param}")
@@ -216,7 +223,7 @@ class SearchSpace(GeneDerivation):
                 fixed[g.name] = self.gene_value(fixed_from, g)
             else:
                 fixed[g.name] = g.init
-        return SearchSpace(self.spec, self.experts, self.n_layers, self.where, tasks=self.tasks, _stage=(i, fixed))
+        return SearchSpace(self.spec, self.experts, self.n_layers, self.where, tasks=self.tasks, _stage=(i, fixed, start))
 
     def __repr__(self) -> str:
         return f"SearchSpace({self.where!r}, dim={self.dim}, stage={self.stage_name})"

@@ -37,6 +37,10 @@ class StageSpec(Frozen):
     fixed: dict[str, Value] = Field(default_factory=dict, description="values for other parameters in this stage")
     l1: float | None = Field(None, ge=0, description="L1 penalty weight (default: the space's `l1`)")
     budget_fraction: float = Field(1.0, gt=0, description="share of the run's budget (normalized over stages)")
+    evaluations: int | None = Field(None, ge=1, description="a set number of evaluations instead of a share "
+                                    "(at most half the run's budget); the other stages share the rest")
+    start: Literal["init", "best"] = Field("init", description="where the searched genes start: their `init`, "
+                                           "or the best recipe of the stages before")
     optimizer: dict[str, Any] | None = Field(None, description="optimizer hints (default: the space's)")
 
 
