@@ -51,6 +51,27 @@ def classic_grid(space) -> list[list[float]]:
     return points
 
 
+SCALES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)  # uniform weights worth one evaluation each
+
+
+def scale_grid(space, scales=SCALES) -> list[list[float]]:
+    """Genomes of `space` with every weight gene at one value c, for each c in `scales` (task
+    arithmetic's lambda sweep over the whole pool; c = 0 is the base), clipped to the genes' bounds;
+    other searched genes stay at their start. Where a good merge sits differs from pool to pool
+    (every weight near 0 over a base that knows the tasks, near 0.7 over one that knows none), so a
+    search starting from the best of these starts on the right scale."""
+    names = space.names()
+    weights = [i for i, name in enumerate(names) if name.startswith("weight[")]
+    if not weights:
+        raise ConfigError("`points: scales` needs a space that searches the experts' weights")
+    points = []
+    for c in scales:
+        x = np.array(space.x0, dtype=float)
+        x[weights] = np.clip(float(c), space.lower[weights], space.upper[weights])
+        points.append(x.tolist())
+    return points
+
+
 def reference_recipes(experts: list[str]) -> dict[str, Recipe]:
     """The base (every weight 0) and each expert alone (its weight 1), as recipes, keyed "base" and
     by expert name: every run reads its candidates against these."""

@@ -90,8 +90,11 @@ def backend_of(config: Mapping[str, Any]) -> str | None:
 def merge_optimizer_config(hints: Mapping[str, Any], user: Mapping[str, Any]) -> dict[str, Any]:
     """A search space's optimizer hints under the user's optimizer config: the hints' options
     (sigma0, popsize, nevergrad's name...) apply only when the user names no backend or the
-    hints' backend; a user who picks another backend gets only their own options."""
+    hints' backend; a user who picks another backend gets only their own options, except in a stage
+    that sweeps a grid of set points."""
     user_kind, hint_kind = backend_of(user), backend_of(hints)
+    if hint_kind == "grid" and user_kind not in (None, "grid"):
+        return dict(hints)  # a stage that sweeps set points (the default's scales) is no optimizer's to take
     if user_kind is None or user_kind == hint_kind:
         merged = {**hints, **user}
         if "type" not in merged and hint_kind is not None and "name" in user and user_kind is None:

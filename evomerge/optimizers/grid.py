@@ -1,6 +1,8 @@
 """An explicit list of points, asked in order: baselines, sweeps, re-evaluations.
 
-``points`` is a list of genomes (each of length ``dim``, inside the bounds). ``done`` once every
+``points`` is a list of genomes (each of length ``dim``, inside the bounds), or a name the stage's
+space turns into genomes: ``classic`` (the fixed-recipe baselines), ``scales`` (every weight at
+one value, for each value of ``scales``). ``done`` once every
 point has been asked (the loop still collects the ones in flight). ``seed`` is unused.
 """
 
@@ -19,11 +21,19 @@ class Grid(Optimizer):
 
     @classmethod
     def options_from_context(cls, options, context):
-        """`points: classic`: the fixed-recipe baselines of the stage's space (evomerge.baselines)."""
+        """`points: classic`: the fixed-recipe baselines of the stage's space; `points: scales`
+        (optionally `scales: [c, ...]`): every weight at c, for each c (evomerge.baselines)."""
         if options.get("points") == "classic":
             from evomerge.baselines import classic_grid
 
             options = {**options, "points": classic_grid(context.space)}
+        elif options.get("points") == "scales":
+            from evomerge.baselines import SCALES, scale_grid
+
+            options = dict(options)
+            options["points"] = scale_grid(context.space, options.pop("scales", SCALES))
+        elif "scales" in options:
+            raise ConfigError("optimizer 'grid': `scales` goes with `points: scales`")
         return options
 
     def __init__(
