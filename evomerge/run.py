@@ -326,13 +326,11 @@ class Run:
 
     # ---- reading results ------------------------------------------------------------------
     def best(self, n: int = 1) -> list[Evaluation]:
-        """The lowest objectives of the latest stage that has results: a later stage builds on the
-        earlier ones' best, and stages' objectives carry different L1 terms, so they do not compare."""
-        done = [e for e in self.evaluations() if e.ok]
-        if done:
-            last = max(e.stage for e in done)
-            done = [e for e in done if e.stage == last]
-        return sorted(done, key=lambda e: e.objective)[:n]
+        """The run's picks, lowest objective first (``pick``)."""
+        return pick(self.evaluations(), self.stage_penalties(), n)
+
+    def stage_penalties(self) -> list[float] | None:
+        return space_penalties(self.config())
 
     def get(self, candidate_id: int) -> Evaluation:
         for evaluation in self.evaluations():
@@ -347,6 +345,34 @@ class Run:
             front["score_cost"] = cost_front(evaluations)
         self.write_json(PARETO, front)
         return front
+
+
+def space_penalties(config: dict[str, Any]) -> list[float] | None:
+    """Each stage's L1 weight, from a run config's space (plain YAML, never code); None when the
+    space cannot be read (a preset this evomerge does not ship)."""
+    from evomerge.spacespec import load_spec
+
+    if "space" not in config:  # unreadable: a run's config.yaml always names its space
+        return None
+    try:
+        spec, _ = load_spec(config["space"])
+    except (EvomergeError, OSError, AttributeError):
+        return None
+    return [spec.l1 if s.l1 is None else s.l1 for s in spec.stages] if spec.stages else [spec.l1]
+
+
+def pick(evaluations: list[Evaluation], penalties: list[float] | None, n: int = 1) -> list[Evaluation]:
+    """The lowest objectives of the latest stage that has results, and of the stages before it
+    when no stage involved adds an L1 term (the default's sweep and joint stage: the sweep's best,
+    the base say, is a pick the joint stage may not beat). Stages with L1 terms do not compare:
+    each penalizes its own genes (Evo-Merging's densities, then its weights)."""
+    done = [e for e in evaluations if e.ok]
+    if not done:
+        return []
+    last = max(e.stage for e in done)
+    unpenalized = penalties is not None and len(penalties) > last and not any(penalties[:last + 1])
+    chosen = done if unpenalized else [e for e in done if e.stage == last]
+    return sorted(chosen, key=lambda e: e.objective)[:n]
 
 
 _FIX_JSON = {

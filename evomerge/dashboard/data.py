@@ -24,7 +24,7 @@ from evomerge.errors import EvomergeError
 from evomerge.pareto import cost_front, pareto_front
 from evomerge.poolspec import spec_kind
 from evomerge.plots import band, best_so_far_of, method_of, pool_label
-from evomerge.run import CONFIG, EVALUATIONS, REFERENCES, Evaluation, Run
+from evomerge.run import CONFIG, EVALUATIONS, REFERENCES, Evaluation, Run, pick, space_penalties
 
 CONFIG_NAMES = (CONFIG, "config.yaml", "config.json")  # what older and newer evomerge write
 SEARCH_DEPTH = 3  # runs/NAME, runs/GROUP/NAME, runs/STUDY/GROUP/NAME
@@ -117,13 +117,6 @@ def _mean(scores: dict[str, float]) -> float | None:
     return float(np.mean(list(scores.values()))) if scores else None
 
 
-def _best(logged: list[Evaluation]) -> list[Evaluation]:
-    """Run.best(1) over the cached log: the lowest objective of the latest stage with results."""
-    done = [e for e in logged if e.ok]
-    last = max((e.stage for e in done), default=None)
-    return sorted((e for e in done if e.stage == last), key=lambda e: e.objective)[:1]
-
-
 def _rate(done: list[Evaluation]) -> float | None:
     """Evaluations per minute over the last RATE_WINDOW finished ones."""
     times = sorted(e.finished_at for e in done if e.finished_at)[-RATE_WINDOW:]
@@ -142,7 +135,7 @@ def _mtime(file: Path) -> float | None:
 def summary(root: Path, path: Path) -> dict[str, Any]:
     """One row of the runs list."""
     config, status, logged = read_config(path), _status(path), evaluations(path)
-    best = _best(logged)
+    best = pick(logged, space_penalties(config))
     started = _mtime(_config_file(path) or path)
     updates = [t for t in (_mtime(path / EVALUATIONS), status.get("updated")) if isinstance(t, (int, float))]
     return {
@@ -212,7 +205,8 @@ def detail(root: Path, path: Path) -> dict[str, Any]:
     front = pareto_front(logged)
     references = {name: ref.get("scores") or {} for name, ref in (_read_json(path, REFERENCES) or {}).items()
                   if isinstance(ref, dict)}
-    best = _best(logged)
+    config = read_config(path)
+    best = pick(logged, space_penalties(config))
     costed = any(e.cost is not None for e in ok)
     return {
         **summary(root, path),
