@@ -82,7 +82,7 @@ class SearchConfig(Strict):
     # What a user wrote (a pool YAML's path, or a mapping with relative paths) until `resolved`, then
     # the typed spec with absolute paths (what a run's config.json keeps and is read back as).
     pool: Union[PoolSpec, str, dict[str, Any]] = Field(union_mode="left_to_right")
-    space: str | dict[str, Any] = "evo-merging"
+    space: str | dict[str, Any] = "default"  # searchspaces/default.yaml; the paper's schedule: "evo-merging"
     suite: str | None = None
     backend: dict[str, Any] = Field(default_factory=lambda: {"name": "hf"})
     objective: str | None = Field(None, description="'module:function' scoring a recipe without models (tests, demos)")

@@ -27,6 +27,11 @@ def quadratic(recipe: Recipe) -> dict[str, float]:
     return scores
 
 
+def best_at_the_base(recipe: Recipe) -> dict[str, float]:
+    """One task, best with every weight 0 (a base that already knows it): any merge hurts."""
+    return {"task": -sum(abs(p.weight) + 0.1 * (1.0 - p.density) for p in recipe.experts.values())}
+
+
 def fails_on_negative(recipe: Recipe) -> dict[str, float]:
     """Like quadratic, but a candidate with a negative weight raises (a failed merge)."""
     if any(p.weight < 0 for p in recipe.experts.values()):

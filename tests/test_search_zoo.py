@@ -91,6 +91,30 @@ def _export_picks_the_candidate_that_was_scored(run: Run, tmp_path: Path) -> Non
     assert "4242" in missing.stderr and not (tmp_path / "none").exists()
 
 
+def test_the_default_on_the_zoos_adapters_sweeps_scales_from_the_base_then_merges_jointly(tiny_zoo, tmp_path):
+    """No space named: the default. Its sweep's first point (every weight 0) is the base, scored as
+    the base reference is; the joint stage searches densities and weights from the best scale, over
+    a dense merge of the LoRA adapters, and what it picks exports."""
+    config = tmp_path / "search.yaml"
+    config.write_text(yaml.safe_dump({
+        "pool": str(tiny_zoo / "pool-lora.yaml"), "suite": str(REPO / "evaluators" / "zoo-loss.yaml"),
+        "backend": {"name": "hf", "batch_size": 64}, "budget": 10, "seed": 0, "workers": {"count": 2}}))
+    done = run_cli("search", str(config), "--run-dir", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr
+    run = Run(tmp_path / "run")
+    evaluations = run.evaluations()
+    assert len(evaluations) == 10 and all(e.ok for e in evaluations)
+    sweep, joint = [e for e in evaluations if e.stage == 0], [e for e in evaluations if e.stage == 1]
+    assert len(sweep) == 5 and len(joint) == 5  # budget 10: the sweep takes at most half
+    base = json.loads((run.path / "references.json").read_text())["base"]["scores"]
+    at_zero = next(e for e in sweep if all(p["weight"] == 0 for p in e.recipe["experts"].values()))
+    assert at_zero.scores == pytest.approx(base, rel=1e-4)
+    assert all(e.recipe["lora_merge"] == "dense" for e in evaluations)
+    assert any(p["density"] < 1 for e in joint for p in e.recipe["experts"].values())
+    exported = run_cli("export", str(run.path), "-o", str(tmp_path / "export"))
+    assert exported.returncode == 0, exported.stderr
+
+
 def test_nan_candidate_on_a_real_merge_is_a_failed_result(tiny_zoo):
     from evomerge.config import resolve_pool_spec
     from evomerge.worker import Worker
