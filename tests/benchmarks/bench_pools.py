@@ -14,18 +14,22 @@ the searches optimize: answer-token cross-entropy on validation), suite-generate
 exact match), pool.yaml and scores.json; built once and reused.
 
 Per pool, reported on test (exact match and loss; each method's pick made on validation):
-- references: the base, the plain average (linear, weights 1/N), and the experts' own-task
-  ceiling (each task scored on its own expert, the best of them where there are two);
+- references: the base, the plain average (linear, weights 1/N), the best expert (every expert
+  alone is scored; the best on validation), and the experts' own-task ceiling (each task scored on
+  its own expert on test, the better one on validation where there are two);
 - classic grid: the `classic` space (task arithmetic, TIES, DARE-TIES, Breadcrumbs, DELLA at their
   usual grids, 64 points), the best point by validation;
-- LoraHub: the `lorahub` preset (weights only, NGOpt), 200 evaluations;
+- LoraHub: the `lorahub` preset (weights only, NGOpt);
+- paper's two stages: the `evo-merging` preset (densities at weights 1/N, then weights; CMA-ES
+  sigma0 0.05, population 20, an L1 term in each stage), the paper's schedule;
 - plain script: what a competent user writes in an afternoon: pycma over the joint genome (a
-  density and a weight per expert), one stage, sigma0 0.2, no L1 term; expressed as an inline
-  space so it runs in the same loop and run format;
-- default: a config that names no space or optimizer (today Evo-Merging's two stages, the
-  paper's schedule).
-Every searched method gets the same budget and seeds; LoRA pools merge with lora_merge lowrank
-for the evo_merging-method searches.
+  density and a weight per expert), one stage, sigma0 0.2, pycma's population, no L1 term;
+  expressed as an inline space so it runs in the same loop and run format;
+- default: a config that names no space or optimizer (searchspaces/default.yaml: a sweep of
+  task-arithmetic scales from the base, then CMA-ES over densities and weights from the best one).
+Every searched method gets the same budget and seeds. On LoRA pools LoraHub and the paper's two
+stages merge low-rank (A and B summed, as their papers do); the plain script and the default merge
+dense (each adapter's own update B·A, summed), so that those two differ only in the search.
 
 Writes tests/benchmarks/results/bench_pools.{md,json}.
 """
@@ -86,7 +90,7 @@ def build_pool(design: PoolDesign, root: Path, seed: int = 0) -> Path:
     meta_path = out / "scores.json"
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())["meta"]
-        if meta.get("format") == POOL_FORMAT and meta.get("design") == asdict(design):
+        if meta.get("format") == POOL_FORMAT and meta.get("design") == json.loads(json.dumps(asdict(design))):
             return out
         shutil.rmtree(out)
     root.mkdir(parents=True, exist_ok=True)
@@ -174,17 +178,25 @@ def _write_suites(root: Path, tasks: tuple[str, ...]) -> None:
 # ---- the methods ----------------------------------------------------------------------------
 
 def searched(kind: str, n_experts: int) -> dict[str, dict]:
+    """The searched methods, by column. The default is a config that names no space or optimizer
+    (on a LoRA pool it merges dense, the sum of the experts' own updates); the plain script gets the
+    same merge, so that only the search differs; the paper's two stages and LoraHub merge LoRA
+    pools low-rank (A and B summed separately), as their papers do."""
     import math
 
     lowrank = {"lora_merge": "lowrank"} if kind == "lora" else {}
     pycma_popsize = 4 + int(3 * math.log(2 * n_experts))  # pycma's default for the joint genome
     return {
         "LoraHub": {"space": {"preset": "lorahub", **lowrank}},
-        "plain script": {"space": {"preset": "evo-merging", **lowrank, "l1": 0.0,
+        "paper's two stages": {"space": {"preset": "evo-merging", **lowrank}},
+        "plain script": {"space": {"preset": "evo-merging", "l1": 0.0,
                                    "stages": [{"name": "joint", "search": ["density", "weight"]}]},
                          "optimizer": {"type": "cmaes", "sigma0": 0.2, "popsize": pycma_popsize}},
-        "default": {"space": {"preset": "evo-merging", **lowrank}} if lowrank else {},
+        "default": {},
     }
+
+
+RUN_DIRS = {"paper's two stages": "paper-two-stages"}  # a method's runs: <pool>/<dir>-seed<k>
 
 
 def run_pool(design: PoolDesign, pool_dir: Path, args) -> dict:
@@ -205,8 +217,9 @@ def run_pool(design: PoolDesign, pool_dir: Path, args) -> dict:
     experts = list(json.loads((pool_dir / "scores.json").read_text())["scores"])[1:]
     for seed in range(args.seeds):
         for method, how in searched(design.kind, len(experts)).items():
-            run, _ = run_search(config(args.budget, seed, space=how.get("space", "evo-merging"), optimizer=how.get("optimizer")),
-                                runs / f"{method.replace(' ', '-')}-seed{seed}", print)
+            run_dir = runs / f"{RUN_DIRS.get(method, method.replace(' ', '-'))}-seed{seed}"
+            run, _ = run_search(config(args.budget, seed, space=how.get("space", SearchConfig.model_fields["space"].default),
+                                       optimizer=how.get("optimizer")), run_dir, print)
             picks.setdefault(method, []).append(run.best(1)[0])
     scorer = Scorer(spec, threads=2, suites={"val": suite, "test_loss": f"{suite}:test",
                                              "test_em": f"{pool_dir / 'suite-generate.yaml'}:test"})
@@ -214,11 +227,16 @@ def run_pool(design: PoolDesign, pool_dir: Path, args) -> dict:
     from evomerge.recipe import Recipe
 
     average = Recipe(method="linear", experts={e: {"weight": 1.0} for e in experts})  # linear normalizes: 1/N each
-    rows = {"base": _score(scorer, [reference_recipes(experts)["base"].model_dump(mode="json")]),
+    alone = reference_recipes(experts)
+    rows = {"base": _score(scorer, [alone["base"].model_dump(mode="json")]),
             "average": _score(scorer, [average.model_dump(mode="json")])}
+    each = {name: _score(scorer, [alone[name].model_dump(mode="json")]) for name in experts}
+    best_alone = min(each, key=lambda name: each[name]["val_loss"][0])
+    rows["best expert"] = {**each[best_alone], "name": best_alone}
+    rows["experts"] = each
     for method, evaluations in picks.items():
         rows[method] = _score(scorer, [e.recipe for e in evaluations])
-    rows["ceiling"] = _ceiling(json.loads((pool_dir / "scores.json").read_text())["scores"], design)
+    rows["ceiling"] = _ceiling(scorer, {name: alone[name].model_dump(mode="json") for name in experts}, design)
     return rows
 
 
@@ -229,15 +247,16 @@ def _score(scorer, recipes: list[dict]) -> dict:
     return {"test_em": em, "test_loss": loss, "val_loss": val}
 
 
-def _ceiling(scores: dict, design: PoolDesign) -> dict:
-    """Each task on its own expert (the better one by validation where a task has two)."""
-    em, loss = [], []
+def _ceiling(scorer, alone: dict, design: PoolDesign) -> dict:
+    """Each task on its own expert (the better one on validation where a task has two), on test."""
+    em, loss, val = [], [], []
     for task in design.tasks:
-        own = [n for n in scores if n == task or n.startswith(f"{task}-")]
-        best = min(own, key=lambda n: scores[n][task]["val_loss"])
-        em.append(scores[best][task]["test_acc"])
-        loss.append(scores[best][task]["val_loss"])
-    return {"test_em": [statistics.fmean(em)], "val_loss": [statistics.fmean(loss)], "test_loss": [None]}
+        own = [n for n in alone if n == task or n.startswith(f"{task}-")]
+        best = max(own, key=lambda n: scorer.score("val", alone[n])["scores"][task])  # scores: -loss
+        em.append(scorer.score("test_em", alone[best])["scores"][task])
+        loss.append(-scorer.score("test_loss", alone[best])["scores"][task])
+        val.append(-scorer.score("val", alone[best])["scores"][task])
+    return {"test_em": [statistics.fmean(em)], "test_loss": [statistics.fmean(loss)], "val_loss": [statistics.fmean(val)]}
 
 
 # ---- output ---------------------------------------------------------------------------------
@@ -251,25 +270,45 @@ def _cell(values: list, digits: int = 3) -> str:
     return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+METHODS = ["base", "average", "best expert", "classic grid", "LoraHub", "paper's two stages", "plain script", "default",
+           "ceiling"]
+SEARCHED = ["LoraHub", "paper's two stages", "plain script", "default"]
+
+
 def write(out: Path, results: dict, args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_pools.json").write_text(json.dumps({"results": results, "args": {k: str(v) for k, v in vars(args).items()}},
                                                      indent=2) + "\n")
-    methods = ["base", "average", "classic grid", "LoraHub", "plain script", "default", "ceiling"]
+    header = ["| pool | " + " | ".join(METHODS) + " | default closes | default wins |", "|---" * (len(METHODS) + 3) + "|"]
     lines = [f"# Pools nobody tuned the default to: {args.budget} evaluations, {args.seeds} seed(s), tiny models", "",
-             "Test exact match (mean of the pool's tasks; mean ± sd over seeds), each pick made on validation. "
-             "ceiling: each task on its own expert.", "",
-             "| pool | " + " | ".join(methods) + " | default closes |", "|---" * (len(methods) + 2) + "|"]
+             "Test loss (answer-token cross-entropy on the held-out test split, lower is better; mean ± sd over "
+             "seeds), each pick made on validation. best expert: the expert that alone scores best on validation. "
+             "ceiling: each task on its own expert. default closes: the share of the gap from "
+             "the classic grid to the ceiling. default wins: the peers it beats on this pool.", "", *header]
     for name, rows in results.items():
-        lines.append(f"| {name} | " + " | ".join(_cell(rows[m]["test_em"]) for m in methods) + f" | {_closes(rows, 'test_em')} |")
-    lines += ["", "Test loss (answer-token cross-entropy, lower is better; the ceiling column: each expert's "
-              "validation loss on its own task):", "",
-              "| pool | " + " | ".join(methods) + " | default closes |", "|---" * (len(methods) + 2) + "|"]
+        loss_rows = {m: rows[m]["test_loss"] for m in METHODS}
+        lines.append(f"| {name} | " + " | ".join(_cell(loss_rows[m]) for m in METHODS)
+                     + f" | {_closes_loss(loss_rows)} | {_wins(loss_rows)} |")
+    lines += ["", "Test exact match (mean of the pool's tasks, greedy; higher is better):", "",
+              "| pool | " + " | ".join(METHODS) + " | default closes |", "|---" * (len(METHODS) + 2) + "|"]
     for name, rows in results.items():
-        loss_rows = {m: rows[m]["test_loss"] if m != "ceiling" else rows[m]["val_loss"] for m in methods}
-        lines.append(f"| {name} | " + " | ".join(_cell(loss_rows[m]) for m in methods) + f" | {_closes_loss(loss_rows)} |")
+        lines.append(f"| {name} | " + " | ".join(_cell(rows[m]["test_em"]) for m in METHODS) + f" | {_closes(rows, 'test_em')} |")
+    lines += ["", "The searched methods' picks on validation and on test (loss): a pick that gains on validation "
+              "what it loses on test overfits the validation split.", "",
+              "| pool | " + " | ".join(f"{m} val | {m} test" for m in SEARCHED) + " |", "|---" * (2 * len(SEARCHED) + 1) + "|"]
+    for name, rows in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{_cell(rows[m]['val_loss'])} | {_cell(rows[m]['test_loss'])}"
+                                               for m in SEARCHED) + " |")
     (out / "bench_pools.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _wins(loss_rows: dict) -> str:
+    """How many of the peers (every method but the references) the default's mean test loss beats."""
+    peers = [m for m in METHODS if m not in ("base", "average", "best expert", "ceiling", "default")]
+    default = statistics.fmean(loss_rows["default"])
+    beaten = [m for m in peers if default < statistics.fmean(loss_rows[m])]
+    return f"{len(beaten)}/{len(peers)}"
 
 
 def _closes(rows: dict, key: str) -> str:
