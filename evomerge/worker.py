@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -167,6 +168,7 @@ def check_backend(backend: dict[str, Any]) -> None:
 
 
 _ray_thread_release: list[threading.Event] = []  # set by stop_ray: the init thread of the cluster we started may end
+_ray_starting: list[threading.Event] = []  # set when a ray.init a stop cut short (in its thread) returns
 
 
 def start_ray(address: str | None, num_cpus: int | None, timeout_s: float) -> bool:
@@ -214,12 +216,14 @@ def start_ray(address: str | None, num_cpus: int | None, timeout_s: float) -> bo
         threading.Thread(target=init, name="evomerge-ray-init", daemon=True).start()
         limit = timeout_s if address else LOCAL_START_TIMEOUT_S
         deadline = time.monotonic() + limit
+        _ray_starting.append(started)  # until the wait below ends: a stop in it leaves the start to settle_ray
         while not started.wait(0.1):
             if time.monotonic() > deadline:
                 where = f"join the Ray cluster at {address}" if address else "start a local Ray cluster"
                 raise EvomergeError(f"could not {where} within {limit:.0f}s" + (
                     "; check --ray-address (workers.ray_address), or leave it unset for a private local cluster"
                     if address else ""))
+        _ray_starting.remove(started)
     finally:
         if inherited is not None:
             os.environ[RAY_ADDRESS_ENV] = inherited
@@ -240,6 +244,21 @@ def stop_ray() -> None:
     ray.shutdown()
     while _ray_thread_release:
         _ray_thread_release.pop().set()
+
+
+def settle_ray(timeout_s: float = 15.0) -> None:
+    """On a stop (Ctrl-C, SIGTERM): let a ray.init the stop cut short finish in its thread (bounded),
+    then shut Ray down now. Else Ray's exit handler does it while that thread is still connecting,
+    and what Ray prints about it ('NoneType' object has no attribute ...) comes after the CLI's
+    stop line, which must be the last."""
+    if "ray" not in sys.modules:
+        return
+    while _ray_starting:
+        _ray_starting.pop().wait(timeout_s)
+    try:
+        stop_ray()
+    except Exception:  # noqa: BLE001 - best effort on the way out
+        pass
 
 
 def _not_the_auth_note(record: logging.LogRecord) -> bool:

@@ -336,7 +336,7 @@ def test_sigterm_and_ctrl_c_stop_cleanly_at_any_point_and_resume_finishes(tmp_pa
     for sig, code, how in ((signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")):
         done = stop_while_ray_starts(run_dir, sig)
         assert done.returncode == code, done.stderr
-        assert last_line(done.stderr) == f"stopped ({how}): continue with `evomerge resume {run_dir}`"
+        assert last_line(done.stderr) == f"stopped ({how}): continue with `evomerge resume {run_dir}`", done.stderr
         assert raw_status(run_dir)["state"] == "stopped"
 
     done = evomerge("resume", str(run_dir), timeout=240)
