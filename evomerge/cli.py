@@ -124,7 +124,9 @@ def _stoppable(run_dir: Callable[[], Optional[Path]]):
         for again in _signal_again:
             again.cancel()
         if "evomerge.worker" in sys.modules:  # Ray may be up, or starting: settled before the last line
-            sys.modules["evomerge.worker"].settle_ray()
+            from evomerge.worker import settle_ray
+
+            settle_ray()
         terminated = isinstance(stop, Terminated) or signal.SIGTERM in _signals_received
         how, code = ("SIGTERM", 143) if terminated else ("Ctrl-C", 130)
         from evomerge.run import CONFIG

@@ -219,6 +219,7 @@ def start_ray(address: str | None, num_cpus: int | None, timeout_s: float) -> bo
         _ray_starting.append(started)  # until the wait below ends: a stop in it leaves the start to settle_ray
         while not started.wait(0.1):
             if time.monotonic() > deadline:
+                _ray_starting.remove(started)  # given up on: nothing for a later stop to wait for
                 where = f"join the Ray cluster at {address}" if address else "start a local Ray cluster"
                 raise EvomergeError(f"could not {where} within {limit:.0f}s" + (
                     "; check --ray-address (workers.ray_address), or leave it unset for a private local cluster"

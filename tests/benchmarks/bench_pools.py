@@ -1,14 +1,14 @@
-"""Pools nobody tuned the default to: six small pools built from nothing on CPU, the default search
+"""Pools nobody tuned the default to: eight small pools built from nothing on CPU, the default search
 against its peers on each, all chosen on validation and reported on the held-out test split.
 
-    .venv/bin/python tests/benchmarks/bench_pools.py                   # 6 pools, budget 200, 3 seeds
+    .venv/bin/python tests/benchmarks/bench_pools.py                   # 8 pools, budget 200, 3 seeds
     .venv/bin/python tests/benchmarks/bench_pools.py --pools demo-full --budget 24 --seeds 1   # smoke
 
 The pools vary along what changes a merge problem (POOLS below): the task set (the demo's four;
 letter tasks the demo does not have; both), the base (weak: pre-trained on `copy` only, it knows
 none of the tasks; strong: then trained on a mix of the pool's tasks, it knows much of them), the
-experts (a full schedule, or half of one), full fine-tunes or LoRA adapters, and N = 4, 8 and 16
-experts (16: two experts per task, different seeds). Each pool is a zoo-like directory under
+experts (a full schedule, or half of one), full fine-tunes or LoRA adapters, and N = 4, 6, 8 and 16
+experts (8-LoRA and 16: two experts per task, different seeds). Each pool is a zoo-like directory under
 --pools-dir: base/, experts/<name>/, data/<task>/{validation,test}.jsonl, suite-loss.yaml (what
 the searches optimize: answer-token cross-entropy on validation), suite-generate.yaml (greedy
 exact match), pool.yaml and scores.json; built once and reused.
